@@ -1,0 +1,1 @@
+"""One module per `cascade-clip` subcommand (see cascade_clip/cli.py)."""

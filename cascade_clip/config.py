@@ -1,0 +1,222 @@
+"""Experiment configuration: one YAML file per experiment, one dataclass per section.
+
+The YAML layout (see config/config.yaml) mirrors these dataclasses section by section.
+Snakemake validates the same file against workflow/schemas/config.schema.yaml; the
+dataclasses are the package's own check, so every CLI stage refuses a wrong key by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+@dataclass
+class ClipConfig:
+    """Which CLIP to load and how.
+
+    Exactly one way to name the weights: `pretrained` is an open_clip tag ("openai") or a
+    path to a weights file; `model_config` is a path to an open_clip model-config JSON (or
+    an inline dict) for models open_clip does not ship, such as the shapes world's small
+    CLIP or the tiny test models.
+    """
+
+    model: str = "ViT-B-16-quickgelu"
+    pretrained: str | None = "openai"
+    model_config: str | dict | None = None
+    image_size: int = 512
+    templates: str = "coco"  # template set name, see cascade_clip.model.text.TEMPLATES
+
+
+@dataclass
+class DecoderConfig:
+    layers: int = 3
+    heads: int = 8
+    ffn_dim: int = 2048
+    dropout: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    """The Cascade-CLIP head and how it taps the encoder (DESIGN section 1)."""
+
+    stages: list[list[int]] = field(default_factory=lambda: [[6, 7, 8], [9, 10, 11], [12]])
+    tap_projection: Literal["random", "clip"] = "random"
+    tap_seed: int = 0
+    fusion: Literal["nga", "sum", "concat", "attention"] = "nga"
+    nga_sigma: float = 1.0
+    nga_learnable: bool = True
+    query_projection: Literal["independent", "shared"] = "independent"
+    relationship_descriptor: bool = True
+    cascade: bool = True  # False: one decoder over all taps fused ("multi-layer fusion")
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    encoder_mode: Literal["frozen", "vpt"] = "frozen"
+    vpt_tokens: int = 50
+    seen_calibration: float = 0.1
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "shapes"
+    root: str = "resources/data/shapes"
+    unseen: list[str] | None = None  # None: the registry's split
+    train_split: str = "train"
+    val_split: str = "val"
+    drop_unseen_images: bool = False
+
+
+@dataclass
+class AugmentConfig:
+    scale: tuple[int, int] = (2048, 512)
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    crop_size: int = 512
+    cat_max_ratio: float = 0.75
+    flip: bool = True
+    photometric: bool = True
+
+
+@dataclass
+class TrainConfig:
+    setting: Literal["inductive", "transductive", "fully_supervised"] = "inductive"
+    iters: int = 80000
+    batch_size: int = 4  # per process
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    warmup_iters: int = 1500
+    poly_power: float = 0.9
+    min_lr: float = 1e-6
+    ignore_as_negative: bool = True
+    log_interval: int = 50
+    checkpoint_interval: int = 2000
+    num_workers: int = 4
+    amp: bool = True  # bf16 autocast on GPU
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class SelfTrainConfig:
+    iters: int = 40000
+    start_fraction: float = 0.5  # start from the inductive checkpoint at half its schedule
+
+
+@dataclass
+class EvalConfig:
+    crop_size: int = 512
+    stride: int = 426
+    short_side: int = 512
+    num_visualize: int = 8
+
+
+@dataclass
+class CacheConfig:
+    views_per_image: int = 1
+    compression: str | None = None
+    batch_size: int = 8
+
+
+@dataclass
+class Config:
+    experiment: str = "shapes"
+    seed: int = 0
+    results_dir: str = "results"
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    self_train: SelfTrainConfig = field(default_factory=SelfTrainConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    # Sections owned by other stages (download sources, the shapes generator, the small
+    # CLIP recipe, the workflow's ablations) are kept as plain dicts here.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.results_dir) / self.experiment
+
+
+# Top-level keys that belong to other consumers (Snakemake rules, generators) and that the
+# dataclasses keep verbatim in Config.extra.
+EXTRA_SECTIONS = ("sources", "shapes", "pretrain", "ablations", "workflow", "cross_eval")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not dataclasses.is_dataclass(cls):
+        return data
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None  # noqa: E501
+        if sub is not None and dataclasses.is_dataclass(sub):
+            kwargs[name] = _build(sub, value, f"{where}.{name}")
+        elif isinstance(value, list) and name in ("scale", "ratio_range"):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    """Build a Config from a plain dict (a parsed YAML file), refusing unknown keys."""
+    data = dict(data or {})
+    extra = {k: data.pop(k) for k in EXTRA_SECTIONS if k in data}
+    cfg = _build(Config, data, source)
+    cfg.extra = extra
+    _check(cfg, source)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML experiment config; `overrides` are dotted keys, e.g. {"train.iters": 10}."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return config_from_dict(data, str(path))
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    out = dataclasses.asdict(cfg)
+    extra = out.pop("extra")
+    out.update(extra)
+    return out
+
+
+def _check(cfg: Config, where: str) -> None:
+    if not cfg.model.stages or any(not s for s in cfg.model.stages):
+        raise ConfigError(f"{where}: model.stages must be a non-empty list of non-empty lists")
+    flat = [b for s in cfg.model.stages for b in s]
+    if any((not isinstance(b, int)) or b < 1 for b in flat):
+        raise ConfigError(f"{where}: model.stages holds 1-based block numbers, got {flat}")
+    if len(set(flat)) != len(flat):
+        raise ConfigError(f"{where}: model.stages repeats a block: {flat}")
+    if cfg.model.decoder.layers < 1:
+        raise ConfigError(f"{where}: model.decoder.layers must be >= 1")
+    if cfg.evaluate.stride <= 0 or cfg.evaluate.stride > cfg.evaluate.crop_size:
+        raise ConfigError(f"{where}: evaluate.stride must be in 1..crop_size")

@@ -1,0 +1,1 @@
+"""Triton kernels with their PyTorch references, imported as cascade_clip.kernels."""
