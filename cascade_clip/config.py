@@ -161,7 +161,9 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
-        sub = fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None  # noqa: E501
+        sub = (
+            fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
+        )  # noqa: E501
         if sub is not None and dataclasses.is_dataclass(sub):
             kwargs[name] = _build(sub, value, f"{where}.{name}")
         elif isinstance(value, list) and name in ("scale", "ratio_range"):

@@ -48,3 +48,18 @@ def use_triton(*tensors: torch.Tensor) -> bool:
             "cascade_clip.kernels is imported"
         )
     return True
+
+
+POISON_VAR = "CASCADE_CLIP_KERNELS_POISON"
+
+
+def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised buffer for a kernel to fill.
+
+    With ``CASCADE_CLIP_KERNELS_POISON=1`` (read at call time; the tests set it) the
+    buffer is filled with NaN first, so an element a kernel forgets to write shows up.
+    """
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get(POISON_VAR, "0") == "1":
+        out.fill_(float("nan"))
+    return out

