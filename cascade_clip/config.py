@@ -222,3 +222,35 @@ def _check(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: model.decoder.layers must be >= 1")
     if cfg.evaluate.stride <= 0 or cfg.evaluate.stride > cfg.evaluate.crop_size:
         raise ConfigError(f"{where}: evaluate.stride must be in 1..crop_size")
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """["train.iters=10", "model.stages=[[12]]"] -> {"train.iters": 10, "model.stages": [[12]]}.
+
+    Values are parsed as YAML, so numbers, booleans and lists come out typed. The workflow
+    uses this to run ablations of one config (`--set model.cascade=false`).
+    """
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def add_config_arguments(parser: Any) -> None:
+    """The `--config FILE` and repeatable `--set KEY=VALUE` options every stage takes."""
+    parser.add_argument("--config", required=True, help="experiment YAML file (config/*.yaml)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.iters=100 (repeatable)",
+    )
+
+
+def config_from_args(args: Any) -> Config:
+    return load_config(args.config, parse_overrides(getattr(args, "overrides", None)))
