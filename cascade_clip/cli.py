@@ -27,6 +27,7 @@ COMMANDS = {
     "evaluate": "cascade_clip.commands.evaluate",
     "predict": "cascade_clip.commands.predict",
     "report": "cascade_clip.commands.report",
+    "gpu-run": "cascade_clip.commands.gpu_run",
 }
 
 
