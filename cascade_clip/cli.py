@@ -19,6 +19,7 @@ COMMANDS = {
     "prepare": "cascade_clip.commands.prepare",
     "make-shapes": "cascade_clip.commands.make_shapes",
     "pretrain-clip": "cascade_clip.commands.pretrain_clip",
+    "split": "cascade_clip.commands.split",
     "text-embeddings": "cascade_clip.commands.text_embeddings",
     "cache-features": "cascade_clip.commands.cache_features",
     "cache-join": "cascade_clip.commands.cache_join",

@@ -145,7 +145,7 @@ class Config:
 
 # Top-level keys that belong to other consumers (Snakemake rules, generators) and that the
 # dataclasses keep verbatim in Config.extra.
-EXTRA_SECTIONS = ("sources", "shapes", "pretrain", "ablations", "workflow", "cross_eval")
+EXTRA_SECTIONS = ("shapes", "pretrain", "ablations", "workflow", "cross_eval")
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

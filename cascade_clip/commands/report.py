@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import json
+from pathlib import Path
 
-HELP = "Collect metrics, curves and examples into the report's tables and figures."
+from cascade_clip.config import add_config_arguments, config_from_args
+
+HELP = "Collect metrics, curves, examples and run times into the report's tables and figures."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="experiment YAML file")
+    add_config_arguments(parser)
+    parser.add_argument("--results", required=True, help="results/<experiment>")
+    parser.add_argument("--runs", nargs="+", required=True, help="run names (eval/<run>/metrics.json)")
+    parser.add_argument("--cross", nargs="*", default=[], help="cross-evaluation datasets")
+    parser.add_argument("--examples", required=True, help="folder of example prediction PNGs")
+    parser.add_argument("--out", required=True, help="report folder")
 
 
 def run(args: argparse.Namespace) -> int:
-    print("cascade-clip report: not yet implemented", file=sys.stderr)
-    return 1
+    from cascade_clip.report import build_report
+
+    config_from_args(args)  # refuse a bad config here too
+    results = Path(args.results)
+    split = json.loads((results / "split.json").read_text())
+    rows = build_report(results, args.runs, split["unseen"], Path(args.examples), Path(args.out), args.cross)
+    for r in rows:
+        print(f"{r['model']:<50} S {r['miou_seen']:5.1f}  U {r['miou_unseen']:5.1f}  hIoU {r['hiou']:5.1f}")
+    return 0

@@ -1,0 +1,41 @@
+"""`cascade-clip split`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cascade_clip.config import add_config_arguments, config_from_args
+
+HELP = "Resolve the config's seen/unseen class names against the dataset and write split.json."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--out", required=True, help="split.json to write")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cascade_clip.data import get_spec, resolve_split
+
+    cfg = config_from_args(args)
+    spec = get_spec(cfg.dataset.name, cfg.dataset.root)
+    seen, unseen = resolve_split(spec, cfg.dataset.unseen)
+    if not seen:
+        raise ValueError(f"{args.config}: every class of {spec.name} is unseen; nothing to train on")
+    split = {
+        "dataset": spec.name,
+        "classes": list(spec.classes),
+        "seen": [spec.classes[i] for i in seen],
+        "unseen": [spec.classes[i] for i in unseen],
+        "seen_ids": seen,
+        "unseen_ids": unseen,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(split, indent=2) + "\n")
+    tmp.replace(out)
+    print(f"{spec.name}: {len(seen)} seen, {len(unseen)} unseen classes: {', '.join(split['unseen'])}")
+    return 0

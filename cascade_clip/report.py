@@ -1,0 +1,190 @@
+"""Tables and figures for the Snakemake report, from the files the stages wrote.
+
+Reads `<results>/eval/<run>/metrics.json`, `<results>/eval/cross/<dataset>/metrics.json`,
+`<results>/runs/<run>/log.jsonl` and Snakemake's `<results>/benchmarks/**/*.tsv`; writes
+summary.{html,csv}, per_class.html, curves.png, runtimes.html and examples/.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+# What each run name means in the tables (names not listed are shown as they are).
+RUN_LABELS = {
+    "frozen_clip": "frozen CLIP dense similarity (no decoder)",
+    "single_decoder": "one decoder on the last block",
+    "cascade": "Cascade-CLIP (NGA, cascaded decoders)",
+    "cascade_st": "Cascade-CLIP + self-training (transductive)",
+}
+
+_STYLE = (
+    "<style>table{border-collapse:collapse;font-family:sans-serif;font-size:14px}"
+    "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+    "th{background:#eee}td:first-child,th:first-child{text-align:left}</style>"
+)
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
+
+
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: str) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return (
+        f"<html><head><meta charset='utf-8'>{_STYLE}</head><body><h3>{html.escape(title)}</h3>"
+        f"<table><tr>{head}</tr>{body}</table></body></html>\n"
+    )
+
+
+def read_metrics(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: metrics.json not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def summary_tables(results: Path, runs: Sequence[str], cross: Sequence[str], out: Path) -> list[dict]:
+    rows = []
+    for run in runs:
+        m = read_metrics(results / "eval" / run / "metrics.json")
+        rows.append(
+            {
+                "run": run,
+                "model": RUN_LABELS.get(run, run),
+                "setting": m.get("setting", ""),
+                "miou_seen": m["miou_seen"],
+                "miou_unseen": m["miou_unseen"],
+                "hiou": m["hiou"],
+                "num_images": m.get("num_images", ""),
+            }
+        )
+    for dataset in cross:
+        m = read_metrics(results / "eval" / "cross" / dataset / "metrics.json")
+        rows.append(
+            {
+                "run": f"cross:{dataset}",
+                "model": f"main run evaluated on {dataset} (all classes seen)",
+                "setting": "cross-dataset",
+                "miou_seen": m.get("miou", m["miou_seen"]),
+                "miou_unseen": float("nan"),
+                "hiou": float("nan"),
+                "num_images": m.get("num_images", ""),
+            }
+        )
+    with open(out / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    table = [
+        [
+            r["model"],
+            r["setting"],
+            _fmt(r["miou_seen"]),
+            _fmt(r["miou_unseen"]),
+            _fmt(r["hiou"]),
+            str(r["num_images"]),
+        ]
+        for r in rows
+    ]
+    (out / "summary.html").write_text(
+        _html_table(
+            ["model", "setting", "mIoU(S)", "mIoU(U)", "hIoU", "images"], table, "Zero-shot segmentation"
+        )
+    )
+    return rows
+
+
+def per_class_table(results: Path, runs: Sequence[str], unseen: Sequence[str], out: Path) -> None:
+    metrics = {run: read_metrics(results / "eval" / run / "metrics.json") for run in runs}
+    classes = list(next(iter(metrics.values()))["per_class_iou"])
+    rows = []
+    for name in classes:
+        label = f"{name} *" if name in set(unseen) else name
+        rows.append([label] + [_fmt(metrics[r]["per_class_iou"].get(name)) for r in runs])
+    (out / "per_class.html").write_text(
+        _html_table(["class (* unseen)"] + list(runs), rows, "Per-class IoU (%)")
+    )
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def curves_figure(results: Path, runs: Sequence[str], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        log = [r for r in read_log(results / "runs" / run / "log.jsonl") if "loss" in r]
+        if not log:
+            continue
+        steps = [r["step"] for r in log]
+        ax_loss.plot(steps, [r["loss"] for r in log], label=RUN_LABELS.get(run, run))
+        if all("lr" in r for r in log):
+            ax_lr.plot(steps, [r["lr"] for r in log], label=run)
+    ax_loss.set(xlabel="iteration", ylabel="loss (100 focal + dice)", yscale="log", title="training loss")
+    ax_lr.set(xlabel="iteration", ylabel="learning rate", title="schedule")
+    for ax in (ax_loss, ax_lr):
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+
+
+def runtimes_table(results: Path, out: Path) -> None:
+    rows = []
+    for tsv in sorted((results / "benchmarks").rglob("*.tsv")):
+        with open(tsv) as f:
+            records = list(csv.DictReader(f, delimiter="\t"))
+        if not records:
+            continue
+        r = records[-1]
+        stage = str(tsv.relative_to(results / "benchmarks").with_suffix(""))
+        rows.append([stage, f"{float(r['s']):.1f}", r.get("max_rss", ""), r.get("cpu_time", "")])
+    total = sum(float(r[1]) for r in rows)
+    rows.append(["total (sum of stages)", f"{total:.1f}", "", ""])
+    (out / "runtimes.html").write_text(
+        _html_table(["stage", "wall time (s)", "peak RSS (MB)", "CPU time (s)"], rows, "Stage run times")
+    )
+
+
+def copy_examples(examples: Path, out: Path) -> None:
+    dest = out / "examples"
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for png in sorted(examples.glob("*.png")):
+        shutil.copy2(png, dest / png.name)
+
+
+def build_report(
+    results: Path,
+    runs: Sequence[str],
+    unseen: Sequence[str],
+    examples: Path,
+    out: Path,
+    cross: Sequence[str] = (),
+) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summary_tables(results, runs, cross, out)
+    per_class_table(results, runs, unseen, out)
+    curves_figure(results, [r for r in runs if r != "frozen_clip"], out)
+    runtimes_table(results, out)
+    copy_examples(examples, out)
+    return rows

@@ -1,0 +1,95 @@
+# Evaluate every run on the validation split (sliding window, mIoU seen/unseen, hIoU),
+# frozen CLIP's own dense similarity with no decoder, and cross-dataset transfer.
+
+
+rule evaluate:
+    input:
+        ckpt=f"{RESULTS}/runs/{{run}}/model_final.pt",
+        text=f"{RESULTS}/text/{DATASET}.h5",
+        weights=CLIP_WEIGHTS,
+    output:
+        metrics=f"{RESULTS}/eval/{{run}}/metrics.json",
+        per_class=f"{RESULTS}/eval/{{run}}/per_class.csv",
+        examples=directory(f"{RESULTS}/eval/{{run}}/examples"),
+    params:
+        config=CONFIG,
+        overrides=lambda wc: overrides(run_overrides(wc.run)),
+        nproc=lambda wc, resources: nproc(resources.gpu),
+        out=parent_of("metrics"),
+    log:
+        f"{LOGS}/evaluate/{{run}}.log",
+    benchmark:
+        f"{BENCH}/evaluate/{{run}}.tsv"
+    threads: workflow.cores
+    resources:
+        gpu=WF["eval_gpus"],
+        mem_mb=8000,
+        runtime=120,
+    conda:
+        "../../environment.yml"
+    shell:
+        "cascade-clip gpu-run --gpus {resources.gpu} --"
+        " torchrun --standalone --nproc-per-node {params.nproc} -m cascade_clip.cli evaluate"
+        " --config {params.config} {params.overrides} --checkpoint {input.ckpt} --text {input.text}"
+        " --out {params.out} > {log} 2>&1"
+
+
+rule evaluate_frozen_clip:
+    input:
+        text=f"{RESULTS}/text/{DATASET}.h5",
+        data=dataset_json(DATASET),
+        weights=CLIP_WEIGHTS,
+    output:
+        metrics=f"{RESULTS}/eval/frozen_clip/metrics.json",
+        per_class=f"{RESULTS}/eval/frozen_clip/per_class.csv",
+        examples=directory(f"{RESULTS}/eval/frozen_clip/examples"),
+    params:
+        config=CONFIG,
+        out=parent_of("metrics"),
+    log:
+        f"{LOGS}/evaluate/frozen_clip.log",
+    benchmark:
+        f"{BENCH}/evaluate/frozen_clip.tsv"
+    threads: workflow.cores
+    resources:
+        gpu=min(1, WF["eval_gpus"]),
+        mem_mb=8000,
+        runtime=120,
+    conda:
+        "../../environment.yml"
+    shell:
+        "cascade-clip gpu-run --gpus {resources.gpu} -- cascade-clip evaluate --config {params.config}"
+        " --baseline dense --text {input.text} --out {params.out} > {log} 2>&1"
+
+
+rule evaluate_cross:
+    input:
+        ckpt=f"{RESULTS}/runs/{MAIN_RUN}/model_final.pt",
+        text=f"{RESULTS}/text/cross/{{dataset}}.h5",
+        data=lambda wc: dataset_json(wc.dataset),
+        weights=CLIP_WEIGHTS,
+    output:
+        metrics=f"{RESULTS}/eval/cross/{{dataset}}/metrics.json",
+    params:
+        config=CONFIG,
+        overrides=overrides(run_overrides(MAIN_RUN)),
+        root=lambda wc: DATA_ROOTS[wc.dataset],
+        nproc=lambda wc, resources: nproc(resources.gpu),
+        out=parent_of("metrics"),
+    log:
+        f"{LOGS}/evaluate/cross_{{dataset}}.log",
+    benchmark:
+        f"{BENCH}/evaluate/cross_{{dataset}}.tsv"
+    threads: workflow.cores
+    resources:
+        gpu=WF["eval_gpus"],
+        mem_mb=8000,
+        runtime=120,
+    conda:
+        "../../environment.yml"
+    shell:
+        "cascade-clip gpu-run --gpus {resources.gpu} --"
+        " torchrun --standalone --nproc-per-node {params.nproc} -m cascade_clip.cli evaluate"
+        " --config {params.config} {params.overrides} --checkpoint {input.ckpt} --text {input.text}"
+        " --set dataset.name={wildcards.dataset} --set dataset.root={params.root}"
+        " --set dataset.unseen=[] --set train.setting=fully_supervised --out {params.out} > {log} 2>&1"

@@ -1,0 +1,53 @@
+# Convert downloads to the common format (images, train-id PNG labels, split lists), or
+# generate the shapes world.
+
+if IS_SHAPES:
+
+    rule make_shapes:
+        output:
+            f"{DATA_ROOT}/dataset.json",
+        params:
+            config=CONFIG,
+            root=lambda wc, output: str(Path(output[0]).parent),
+        log:
+            f"{LOGS}/make_shapes.log",
+        benchmark:
+            f"{BENCH}/make_shapes.tsv"
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=30,
+        conda:
+            "../../environment.yml"
+        shell:
+            "cascade-clip make-shapes --config {params.config} --out {params.root} > {log} 2>&1"
+
+
+for _name, _root in DATA_ROOTS.items():
+    if _name == "shapes":
+        continue
+
+    rule:
+        name:
+            f"prepare_{_name}"
+        input:
+            f"{DOWNLOADS}/{_name}/.complete",
+        output:
+            f"{_root}/dataset.json",
+        params:
+            downloads=f"{DOWNLOADS}/{_name}",
+            dataset=_name,
+            root=lambda wc, output: str(Path(output[0]).parent),
+        log:
+            f"{LOGS}/prepare/{_name}.log",
+        benchmark:
+            f"{BENCH}/prepare/{_name}.tsv"
+        threads: workflow.cores
+        resources:
+            mem_mb=8000,
+            runtime=6 * 60,
+        conda:
+            "../../environment.yml"
+        shell:
+            "cascade-clip prepare --dataset {params.dataset} --downloads {params.downloads}"
+            " --out {params.root} > {log} 2>&1"

@@ -1,0 +1,25 @@
+# Demo only: pre-train the shapes world's small CLIP contrastively on whole images and
+# image-level captions (never on masks). Real runs load OpenAI's ViT-B/16 instead.
+
+if IS_SHAPES:
+
+    rule pretrain_clip:
+        input:
+            f"{DATA_ROOT}/dataset.json",
+        output:
+            weights=config["clip"]["pretrained"],
+            model_config=config["clip"]["model_config"],
+        params:
+            config=CONFIG,
+        log:
+            f"{LOGS}/pretrain_clip.log",
+        benchmark:
+            f"{BENCH}/pretrain_clip.tsv"
+        threads: workflow.cores
+        resources:
+            mem_mb=4000,
+            runtime=30,
+        conda:
+            "../../environment.yml"
+        shell:
+            "cascade-clip pretrain-clip --config {params.config} --out $(dirname {output.weights}) > {log} 2>&1"

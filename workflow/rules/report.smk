@@ -1,0 +1,63 @@
+# Collect metrics, curves, examples and stage run times for `snakemake --report`.
+
+CROSS = [c["dataset"] for c in config["cross_eval"]]
+REPORT = RESULTS / "report"
+
+
+rule report:
+    input:
+        metrics=expand(f"{RESULTS}/eval/{{run}}/metrics.json", run=["frozen_clip"] + RUNS),
+        cross=expand(f"{RESULTS}/eval/cross/{{dataset}}/metrics.json", dataset=CROSS),
+        logs=expand(f"{RESULTS}/runs/{{run}}/log.jsonl", run=RUNS),
+        examples=f"{RESULTS}/eval/{SELF_TRAIN_RUN if WF['self_train'] else MAIN_RUN}/examples",
+    output:
+        summary=report(
+            REPORT / "summary.html",
+            caption="../report/summary.rst",
+            category="1. Results",
+            labels={"table": "mIoU seen / unseen / hIoU"},
+        ),
+        per_class=report(
+            REPORT / "per_class.html",
+            caption="../report/per_class.rst",
+            category="1. Results",
+            labels={"table": "per-class IoU"},
+        ),
+        curves=report(
+            REPORT / "curves.png",
+            caption="../report/curves.rst",
+            category="2. Training",
+            labels={"figure": "training curves"},
+        ),
+        examples=report(
+            directory(REPORT / "examples"),
+            patterns=["{name}.png"],
+            caption="../report/examples.rst",
+            category="3. Examples",
+            labels={"image": "{name}"},
+        ),
+        runtimes=report(
+            REPORT / "runtimes.html",
+            caption="../report/runtimes.rst",
+            category="4. Run times",
+            labels={"table": "stage run times"},
+        ),
+        summary_csv=REPORT / "summary.csv",
+    params:
+        config=CONFIG,
+        results=lambda wc, input: str(Path(input.metrics[0]).parents[2]),
+        report=parent_of("summary"),
+        runs=" ".join(["frozen_clip"] + RUNS),
+        main=MAIN_RUN,
+        cross=" ".join(CROSS),
+    log:
+        f"{LOGS}/report.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../environment.yml"
+    shell:
+        "cascade-clip report --config {params.config} --results {params.results} --runs {params.runs}"
+        " --cross {params.cross} --examples {input.examples} --out {params.report} > {log} 2>&1"

@@ -1,0 +1,21 @@
+# Resolve the seen/unseen split (class names in config) against the dataset's classes.
+# A name that is not a class of the dataset stops the workflow here, before any training.
+
+
+rule split:
+    input:
+        dataset_json(DATASET),
+    output:
+        f"{RESULTS}/split.json",
+    params:
+        config=CONFIG,
+    log:
+        f"{LOGS}/split.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        "../../environment.yml"
+    shell:
+        "cascade-clip split --config {params.config} --out {output} > {log} 2>&1"

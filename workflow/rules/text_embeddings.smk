@@ -1,0 +1,47 @@
+# Class text embeddings from the frozen text tower, computed once per dataset.
+
+
+rule text_embeddings:
+    input:
+        split=f"{RESULTS}/split.json",
+        weights=CLIP_WEIGHTS,
+    output:
+        f"{RESULTS}/text/{DATASET}.h5",
+    params:
+        config=CONFIG,
+    log:
+        f"{LOGS}/text_embeddings.log",
+    benchmark:
+        f"{BENCH}/text_embeddings.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+        gpu=0,
+    conda:
+        "../../environment.yml"
+    shell:
+        "cascade-clip text-embeddings --config {params.config} --out {output} > {log} 2>&1"
+
+
+rule text_embeddings_cross:
+    input:
+        data=lambda wc: dataset_json(wc.dataset),
+        weights=CLIP_WEIGHTS,
+    output:
+        f"{RESULTS}/text/cross/{{dataset}}.h5",
+    params:
+        config=CONFIG,
+        root=lambda wc: DATA_ROOTS[wc.dataset],
+    log:
+        f"{LOGS}/text_embeddings/{{dataset}}.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+        gpu=0,
+    conda:
+        "../../environment.yml"
+    shell:
+        "cascade-clip text-embeddings --config {params.config} --set dataset.name={wildcards.dataset}"
+        " --set dataset.root={params.root} --set dataset.unseen=[] --out {output} > {log} 2>&1"

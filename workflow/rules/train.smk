@@ -1,0 +1,35 @@
+# Train the cascaded decoders inductively on seen classes: the main run and every
+# ablation row (config `ablations`), each with its own config overrides.
+
+
+
+rule train:
+    input:
+        unpack(train_inputs),
+    output:
+        final=f"{RESULTS}/runs/{{run}}/model_final.pt",
+        half=f"{RESULTS}/runs/{{run}}/ckpt_half.pt",
+        log=f"{RESULTS}/runs/{{run}}/log.jsonl",
+    wildcard_constraints:
+        run="|".join(ABLATIONS),
+    params:
+        config=CONFIG,
+        overrides=lambda wc: overrides(run_overrides(wc.run)),
+        cache=cache_arg,
+        launch=launcher,
+        out=parent_of("final"),
+    log:
+        f"{LOGS}/train/{{run}}.log",
+    benchmark:
+        f"{BENCH}/train/{{run}}.tsv"
+    threads: workflow.cores
+    resources:
+        gpu=WF["train_gpus"],
+        mem_mb=WF["train_mem_mb"],
+        runtime=WF["train_runtime_min"],
+    conda:
+        "../../environment.yml"
+    shell:
+        "{params.launch} -m cascade_clip.cli train"
+        " --config {params.config} {params.overrides} --text {input.text} {params.cache}"
+        " --out {params.out} --resume > {log} 2>&1"
