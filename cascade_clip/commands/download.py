@@ -7,11 +7,53 @@ import sys
 
 HELP = "Download a real dataset's archives (resumable, checksummed) and extract them."
 
+REAL_DATASETS = ("coco_stuff_164k", "voc12", "pascal_context_59")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="experiment YAML file")
+    parser.add_argument("--dataset", choices=REAL_DATASETS,
+                        help="dataset to fetch (default: the config's dataset.name)")
+    parser.add_argument("--root", default=None,
+                        help="download folder; files go to ROOT/DATASET/ (default resources/downloads)")
+    parser.add_argument("--base-url", default=None,
+                        help="fetch every file from BASE_URL/<file name> instead of its own URL "
+                             "(a mirror, or a local server in tests)")
+    parser.add_argument("--sources", default=None,
+                        help="sources YAML to use instead of the packaged cascade_clip/data/sources.yaml")
+    parser.add_argument("--no-extract", action="store_true", help="download only")
+    parser.add_argument("--retries", type=int, default=5, help="retries per file on transient errors")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--config", default=None, help="experiment YAML (optional): its dataset.name "
+                        "and its `sources:` section (keys root, base_url, file) give defaults")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value (with --config)")
 
 
 def run(args: argparse.Namespace) -> int:
-    print("cascade-clip download: not yet implemented", file=sys.stderr)
-    return 1
+    from cascade_clip.download import DownloadError, fetch_dataset, load_sources
+
+    dataset, root, base_url, sources_file = args.dataset, args.root, args.base_url, args.sources
+    if args.config:
+        from cascade_clip.config import load_config, parse_overrides
+
+        cfg = load_config(args.config, parse_overrides(args.overrides))
+        section = cfg.extra.get("sources") or {}
+        dataset = dataset or cfg.dataset.name
+        root = root or section.get("root")
+        base_url = base_url or section.get("base_url")
+        sources_file = sources_file or section.get("file")
+    if not dataset:
+        raise ValueError("no dataset given: pass --dataset NAME or --config FILE")
+    if dataset not in REAL_DATASETS:
+        raise ValueError(f"dataset {dataset!r} is not downloaded; the shapes world is made by "
+                         "`cascade-clip make-shapes`")
+    sources = load_sources(sources_file)
+    try:
+        out = fetch_dataset(dataset, root or "resources/downloads", sources=sources,
+                            base_url=base_url, retries=args.retries,
+                            unpack=not args.no_extract, progress=not args.no_progress)
+    except DownloadError as err:
+        print(f"cascade-clip download: error: {err}", file=sys.stderr)
+        return 1
+    print(f"{dataset}: downloaded to {out}")
+    return 0

@@ -1,0 +1,261 @@
+"""Dataset registry: class names in train-id order, the zero-shot split, the template set.
+
+Train id `i` of a dataset is `spec.classes[i]`; label PNGs on disk hold these ids, 255 =
+ignore (DESIGN section 2). Splits are always given as class *names*; `resolve_split` turns
+them into ids and refuses a name the dataset does not have.
+
+The "shapes" world is generated in the pipeline (cascade_clip.data.shapes); its class list
+is read from the generator module when asked for, or from a generated dataset's
+`dataset.json` through `load_classes(root)` / `get_spec("shapes", root)`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+# --- COCO-Stuff 164k ----------------------------------------------------------------
+# The stuffthingmaps PNGs hold 0-based ids 0..181 (= COCO-Stuff's 1-based label id - 1,
+# nightrome/cocostuff labels.txt) and 255 = unlabeled. Ids 0..90 are COCO's 91 thing ids
+# (11 of which never received masks), 91..181 the 91 stuff classes.
+COCO_STUFF_182: tuple[str, ...] = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "street sign", "stop sign", "parking meter", "bench",
+    "bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe",
+    "hat", "backpack", "umbrella", "shoe", "eye glasses", "handbag", "tie", "suitcase",
+    "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
+    "skateboard", "surfboard", "tennis racket", "bottle", "plate", "wine glass", "cup",
+    "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli",
+    "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed",
+    "mirror", "dining table", "window", "desk", "toilet", "door", "tv", "laptop", "mouse",
+    "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
+    "refrigerator", "blender", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush", "hair brush",
+    # stuff, 0-based 91..181
+    "banner", "blanket", "branch", "bridge", "building-other", "bush", "cabinet", "cage",
+    "cardboard", "carpet", "ceiling-other", "ceiling-tile", "cloth", "clothes", "clouds",
+    "counter", "cupboard", "curtain", "desk-stuff", "dirt", "door-stuff", "fence",
+    "floor-marble", "floor-other", "floor-stone", "floor-tile", "floor-wood", "flower", "fog",
+    "food-other", "fruit", "furniture-other", "grass", "gravel", "ground-other", "hill",
+    "house", "leaves", "light", "mat", "metal", "mirror-stuff", "moss", "mountain", "mud",
+    "napkin", "net", "paper", "pavement", "pillow", "plant-other", "plastic", "platform",
+    "playingfield", "railing", "railroad", "river", "road", "rock", "roof", "rug", "salad",
+    "sand", "sea", "shelf", "sky-other", "skyscraper", "snow", "solid-other", "stairs",
+    "stone", "straw", "structural-other", "table", "tent", "textile-other", "towel", "tree",
+    "vegetable", "wall-brick", "wall-concrete", "wall-other", "wall-panel", "wall-stone",
+    "wall-tile", "wall-wood", "water-other", "waterdrops", "window-blind", "window-other",
+    "wood",
+)  # fmt: skip
+# The 11 COCO thing ids without segmentation masks (0-based): street sign, hat, shoe,
+# eye glasses, plate, mirror, window, desk, door, blender, hair brush.
+COCO_STUFF_UNUSED_IDS: tuple[int, ...] = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
+COCO_STUFF_171: tuple[str, ...] = tuple(
+    name for i, name in enumerate(COCO_STUFF_182) if i not in COCO_STUFF_UNUSED_IDS
+)
+
+# --- PASCAL VOC 2012 (+SBD aug): 20 classes, background dropped ----------------------
+VOC_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)  # fmt: skip
+
+# --- PASCAL Context 59 ----------------------------------------------------------------
+# Name and category id in the Detail API's 459-class scheme (trainval_merged.json's
+# `category_id`, 1-based index into PASCAL Context's alphabetical labels.txt). Sorted by
+# id, which is also alphabetical order: the standard 59-class list.
+CONTEXT_59_DETAIL_IDS: tuple[tuple[str, int], ...] = (
+    ("aeroplane", 2), ("bag", 9), ("bed", 18), ("bedclothes", 19), ("bench", 22),
+    ("bicycle", 23), ("bird", 25), ("boat", 31), ("book", 33), ("bottle", 34),
+    ("building", 44), ("bus", 45), ("cabinet", 46), ("car", 59), ("cat", 65),
+    ("ceiling", 68), ("chair", 72), ("cloth", 80), ("computer", 85), ("cow", 98),
+    ("cup", 104), ("curtain", 105), ("dog", 113), ("door", 115), ("fence", 144),
+    ("floor", 158), ("flower", 159), ("food", 162), ("grass", 187), ("ground", 189),
+    ("horse", 207), ("keyboard", 220), ("light", 232), ("motorbike", 258),
+    ("mountain", 259), ("mouse", 260), ("person", 284), ("plate", 295), ("platform", 296),
+    ("pottedplant", 308), ("road", 324), ("rock", 326), ("sheep", 347), ("shelves", 349),
+    ("sidewalk", 354), ("sign", 355), ("sky", 360), ("snow", 366), ("sofa", 368),
+    ("table", 397), ("track", 415), ("train", 416), ("tree", 420), ("truck", 424),
+    ("tvmonitor", 427), ("wall", 440), ("water", 445), ("window", 454), ("wood", 458),
+)  # fmt: skip
+CONTEXT_59: tuple[str, ...] = tuple(name for name, _ in CONTEXT_59_DETAIL_IDS)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset's classes (train-id order), default unseen names and template set."""
+
+    name: str
+    classes: tuple[str, ...]
+    unseen: tuple[str, ...]
+    templates: str
+    description: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass(frozen=True)
+class _ShapesSpec:
+    """The shapes world's spec; classes come from the generator module on first use.
+
+    `cascade_clip.data.shapes` is written by the shapes generator; it is imported only when
+    `.classes` or `.unseen` is read, so the registry imports without it. For a generated
+    dataset prefer `get_spec("shapes", root)`, which reads `<root>/dataset.json`.
+    """
+
+    name: str = "shapes"
+    templates: str = "shapes"
+    description: str = "procedurally generated demo world (DESIGN section 3)"
+
+    def _module_attr(self, candidates: Sequence[str]) -> tuple[str, ...]:
+        try:
+            from cascade_clip.data import shapes
+        except ImportError as err:  # pragma: no cover - depends on the generator
+            raise ValueError(
+                f"shapes: class list unavailable ({err}); read it from a generated "
+                "dataset with load_classes(root) or get_spec('shapes', root)"
+            ) from None
+        for attr in candidates:
+            value = getattr(shapes, attr, None)
+            if value is not None:
+                return tuple(str(v) for v in value)
+        raise ValueError(f"shapes: cascade_clip.data.shapes defines none of {list(candidates)}")
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self._module_attr(("CLASSES", "CLASS_NAMES", "SHAPES_CLASSES"))
+
+    @property
+    def unseen(self) -> tuple[str, ...]:
+        return self._module_attr(("UNSEEN", "UNSEEN_CLASSES", "SHAPES_UNSEEN"))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+DATASETS: dict[str, DatasetSpec | _ShapesSpec] = {
+    "coco_stuff_164k": DatasetSpec(
+        name="coco_stuff_164k",
+        classes=COCO_STUFF_171,
+        unseen=(
+            "cow", "giraffe", "suitcase", "frisbee", "skateboard", "carrot", "scissors",
+            "cardboard", "clouds", "grass", "playingfield", "river", "road", "tree",
+            "wall-concrete",
+        ),  # fmt: skip
+        templates="coco",
+        description="COCO-Stuff 164k: 171 classes, 118,287 train / 5,000 val",
+    ),
+    "voc12": DatasetSpec(
+        name="voc12",
+        classes=VOC_CLASSES,
+        unseen=("pottedplant", "sheep", "sofa", "train", "tvmonitor"),
+        templates="voc",
+        description="PASCAL VOC 2012 + SBD aug: 20 classes, 10,582 train / 1,449 val",
+    ),
+    "pascal_context_59": DatasetSpec(
+        name="pascal_context_59",
+        classes=CONTEXT_59,
+        unseen=(
+            "aeroplane", "bird", "boat", "cat", "cow", "motorbike", "sofa", "tvmonitor",
+            "fence", "keyboard",
+        ),  # fmt: skip
+        templates="coco",
+        description="PASCAL Context 59: 59 classes, 4,996 train / 5,104 val",
+    ),
+    "shapes": _ShapesSpec(),
+}
+
+
+def _spec(name: str) -> DatasetSpec | _ShapesSpec:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}") from None
+
+
+def read_dataset_json(root: str | Path) -> dict:
+    """Parse and check `<root>/dataset.json` (name, classes, image_suffix, label_suffix)."""
+    path = Path(root) / "dataset.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: dataset.json not found (is {root} a prepared dataset?)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: top level must be an object")
+    missing = [k for k in ("name", "classes", "image_suffix", "label_suffix") if k not in meta]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing}")
+    classes = meta["classes"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise ValueError(f"{path}: 'classes' must be a non-empty list of names")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"{path}: 'classes' repeats a name")
+    if len(classes) > 254:
+        raise ValueError(f"{path}: {len(classes)} classes; at most 254 fit a uint8 label")
+    return meta
+
+
+def load_classes(root: str | Path) -> tuple[str, ...]:
+    """Class names in train-id order from `<root>/dataset.json` (any dataset)."""
+    return tuple(read_dataset_json(root)["classes"])
+
+
+def get_spec(name: str, root: str | Path | None = None) -> DatasetSpec:
+    """The registry spec of `name` as a plain DatasetSpec.
+
+    For "shapes" with `root` the classes come from `<root>/dataset.json` (and the unseen
+    names from its optional "unseen" key, else from the generator module). For a real
+    dataset with `root`, the dataset.json classes must equal the registry's.
+    """
+    spec = _spec(name)
+    if root is None:
+        return DatasetSpec(spec.name, tuple(spec.classes), tuple(spec.unseen), spec.templates,
+                           spec.description)
+    meta = read_dataset_json(root)
+    classes = tuple(meta["classes"])
+    if name == "shapes":
+        unseen = tuple(meta["unseen"]) if "unseen" in meta else tuple(spec.unseen)
+        return DatasetSpec(name, classes, unseen, spec.templates, spec.description)
+    if classes != tuple(spec.classes):
+        raise ValueError(
+            f"{Path(root) / 'dataset.json'}: classes differ from the registry's {name} list"
+        )
+    return DatasetSpec(name, classes, tuple(spec.unseen), spec.templates, spec.description)
+
+
+def resolve_split(
+    spec_or_classes: DatasetSpec | _ShapesSpec | Sequence[str],
+    unseen_names: Iterable[str] | None = None,
+) -> tuple[list[int], list[int]]:
+    """Class names -> (seen_ids, unseen_ids), both sorted train ids.
+
+    `spec_or_classes` is a spec or a class list in train-id order; `unseen_names` None means
+    the spec's own unseen list. A name that is not a class raises ValueError naming it.
+    """
+    if isinstance(spec_or_classes, (DatasetSpec, _ShapesSpec)):
+        classes = tuple(spec_or_classes.classes)
+        where = spec_or_classes.name
+        if unseen_names is None:
+            unseen_names = spec_or_classes.unseen
+    else:
+        classes = tuple(spec_or_classes)
+        where = "the class list"
+        if unseen_names is None:
+            raise ValueError("resolve_split: unseen_names is required with a bare class list")
+    if isinstance(unseen_names, str):
+        raise ValueError(f"unseen names must be a list of class names, got the string {unseen_names!r}")
+    index = {name: i for i, name in enumerate(classes)}
+    names = list(unseen_names)
+    unknown = [n for n in names if n not in index]
+    if unknown:
+        raise ValueError(f"unknown class name(s) {unknown} for {where}; known: {list(classes)}")
+    unseen = sorted({index[n] for n in names})
+    seen = [i for i in range(len(classes)) if i not in set(unseen)]
+    return seen, unseen
