@@ -31,7 +31,12 @@ def backend() -> str:
 
 def interpreting() -> bool:
     """True when Triton kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        import triton.knobs
+
+        return bool(triton.knobs.runtime.interpret)  # Triton's own parsing of the variable
+    except (ImportError, AttributeError):  # older Triton
+        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .dispatch import new_output, use_triton
 
@@ -202,6 +203,7 @@ class NGAFunction(torch.autograd.Function):
         return _nga_forward(features, weights)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         features, weights = ctx.saved_tensors
         need_gf, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .dispatch import interpreting, new_output, use_triton
 
@@ -328,6 +329,7 @@ def _labels(target: torch.Tensor, ignore_index: int, num_classes: int) -> torch.
     """Compact contiguous labels for the kernels: class id in [0, K), K for a counted pixel
     of no class in [0, K), -1 for ignore. int16 (int32 when K does not fit)."""
     dtype = torch.int16 if num_classes < 2**15 - 1 else torch.int32
+    target = target.long()  # no wrap-around of K or of the ignore index in small int types
     in_range = (target >= 0) & (target < num_classes)
     lab = torch.where(in_range, target, num_classes)
     lab = torch.where(target == ignore_index, -1, lab)
@@ -432,6 +434,7 @@ class SegStatsFunction(torch.autograd.Function):
         return _seg_stats_forward(logits, labels, alpha, gamma, ignore_as_negative)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_stats: torch.Tensor):
         logits, labels = ctx.saved_tensors
         gx = None

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .dispatch import interpreting, new_output, use_triton
 
@@ -118,11 +119,32 @@ def _stage_bmm_kernel(
 # ----------------------------------------------------------------------------------------
 
 
-def _input_precision() -> str:
-    """fp32 dots follow torch's matmul setting: "highest" -> exact fp32, else TF32."""
+def _dot_config(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, str]:
+    """(DOT_FP32, INPUT_PRECISION) for operands ``a`` and ``b``.
+
+    - both fp16 or both bf16: a native tensor-core dot with fp32 accumulation;
+    - both fp32: exact fp32 ("ieee") when torch's fp32 matmul precision is "highest"
+      (its default), TF32 otherwise, like torch.matmul;
+    - mixed (the gradients: an fp32 output gradient against fp16/bf16 activations): both
+      in fp32 with TF32 inputs. The low-precision operand is exact in TF32, so only the
+      gradient is rounded, to 10 mantissa bits, with fp32's range (casting it to fp16
+      instead could underflow small gradients).
+    """
+    low = (torch.float16, torch.bfloat16)
+    if a.dtype == b.dtype and a.dtype in low:
+        return False, "ieee"  # precision flag unused for 16-bit operands
     if interpreting():
-        return "ieee"
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+        return True, "ieee"
+    if a.dtype == b.dtype == torch.float32:
+        exact = torch.get_float32_matmul_precision() == "highest"
+        return True, "ieee" if exact else "tf32"
+    return True, "tf32"
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _stage_bmm(
@@ -136,23 +158,30 @@ def _stage_bmm(
     """Launch :func:`_stage_bmm_kernel`; ``sizes = (Z0, Z1, S, M, N, R)``."""
     (a_t, a_s), (b_t, b_s) = a, b
     z0, z1, s, m, n, r = sizes
-    low = (torch.float16, torch.bfloat16)
-    dot_fp32 = not (a_t.dtype in low and a_t.dtype == b_t.dtype)
-    if dot_fp32:
-        block_m, block_n, block_r, num_warps = 64, 64, 32, 4
-    else:
-        block_m, block_n, block_r, num_warps = 128, 128, 32, 8
+    dot_fp32, precision = _dot_config(a_t, b_t)
     if interpreting():  # fewer, bigger programs run faster in the interpreter
-        block_m = min(block_m, max(16, triton.next_power_of_2(m)))
-        block_n = min(block_n, max(16, triton.next_power_of_2(n)))
-        block_r = min(64, max(16, triton.next_power_of_2(r)))
+        block_m = min(128, max(16, triton.next_power_of_2(m)))
+        block_n = min(128, max(16, triton.next_power_of_2(n)))
+        block_r, num_warps = min(64, max(16, triton.next_power_of_2(r))), 4
+    else:
+        # Fixed heuristics, no autotuning: 128x128 tiles (64x64 for fp32 operands), halved
+        # while the grid would not fill the GPU twice (the paper's forward has only
+        # B * ceil(156/128) * ceil(1024/128) = 64 tiles of 128x128).
+        block_m = block_n = 64 if dot_fp32 else 128
+        block_r, num_warps = 32, 4 if dot_fp32 else 8
+        while (
+            block_m > 32
+            and triton.cdiv(m, block_m) * triton.cdiv(n, block_n) * z0 * z1
+            < 2 * _num_sms(out.device)
+        ):
+            block_m, block_n, num_warps = block_m // 2, block_n // 2, max(4, num_warps // 2)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), z0 * z1)
     _stage_bmm_kernel[grid](
         a_t, b_t, out,
         m, n, r, s, z1,
         *a_s, *b_s, *out_strides,
         float(scale),
-        DOT_FP32=dot_fp32, INPUT_PRECISION=_input_precision(),
+        DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=num_warps,
     )
     return out
@@ -214,6 +243,7 @@ class PixelTextLogitsFunction(torch.autograd.Function):
         return _similarity_forward(pixels, queries, scale)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         pixels, queries = ctx.saved_tensors
         gp = gq = None
