@@ -1,0 +1,151 @@
+"""Checkpoints: written atomically, read with `weights_only=True`, checked against the config.
+
+A checkpoint is a plain dict of tensors and Python primitives (so `torch.load(...,
+weights_only=True)` can read it without executing code):
+
+    version      CHECKPOINT_VERSION
+    model        CascadeCLIP.trainable_state_dict()
+    config       config_to_dict(cfg) of the run that wrote it
+    step         iterations done
+    classes      all class names of the training dataset (train-id order)
+    unseen       the unseen class names
+    setting      "inductive" | "transductive" | "fully_supervised"
+  and, in a resumable checkpoint (ckpt_last.pt) only:
+    optimizer    AdamW state_dict
+    scheduler    {"name": "warmup_poly", "step": step} (the lr is a function of the step)
+    sampler      {"consumed": global samples consumed, "seed": sampler seed}
+    rng          one dict per rank: torch / cuda / numpy / python generator states
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cascade_clip.config import Config
+
+CHECKPOINT_VERSION = 1
+
+# ModelConfig fields that change neither the trainable tensors nor what they compute in
+# training: a checkpoint may be evaluated with another value.
+INFERENCE_ONLY_FIELDS = ("seen_calibration",)
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Write `state` to `path` atomically: a temporary file in the same folder, flushed to
+    disk, then renamed over `path`. A crash mid-write leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint on CPU with `weights_only=True`; a missing, corrupt or foreign
+    file is a one-line error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a truncated or foreign file
+        raise ValueError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"{path}: not a cascade-clip checkpoint (no 'model' and 'config' entries)")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(
+            f"{path}: checkpoint version {state.get('version')!r}, this code reads {CHECKPOINT_VERSION}"
+        )
+    return state
+
+
+def _flatten(data: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}.{key}"))
+        return out
+    if isinstance(data, tuple):
+        data = list(data)
+    return {prefix: data}
+
+
+def model_signature(config: dict[str, Any]) -> dict[str, Any]:
+    """The config values a checkpoint's tensors depend on, flattened to dotted keys:
+    the `model` section (less inference-only fields) and the CLIP model name."""
+    model = {k: v for k, v in config.get("model", {}).items() if k not in INFERENCE_ONLY_FIELDS}
+    sig = _flatten(model, "model")
+    sig["clip.model"] = config.get("clip", {}).get("model")
+    return sig
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two configs' model signatures."""
+    a, b = model_signature(saved), model_signature(current)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            diffs.append(f"{key}: checkpoint {a.get(key)!r}, config {b.get(key)!r}")
+    return diffs
+
+
+def check_model_config(state: dict[str, Any], cfg: Config, path: str | Path) -> None:
+    """Refuse a checkpoint written for another model configuration, saying what differs."""
+    from cascade_clip.config import config_to_dict
+
+    diffs = config_differences(state["config"], config_to_dict(cfg))
+    if diffs:
+        raise ValueError(f"{path}: checkpoint is from a different model config: {'; '.join(diffs)}")
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's generator states (torch CPU and CUDA, numpy, python), as tensors and
+    primitives so that `weights_only` loading accepts them."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,269 @@
+"""Training: lr schedule, masks, pseudo-labels, checkpoints, resume, non-finite loss, CLI.
+
+Everything runs the tiny CLIP of conftest on 32x32 images for a few steps. The helpers
+here (`make_tiny_dataset`, `tiny_config`, `write_config`) are imported by the evaluation
+and prediction tests as well.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from cascade_clip.config import (
+    AugmentConfig,
+    ClipConfig,
+    Config,
+    DatasetConfig,
+    DecoderConfig,
+    EvalConfig,
+    ModelConfig,
+    SelfTrainConfig,
+    TrainConfig,
+    config_to_dict,
+)
+
+TINY_CLASSES = ["sky", "grass", "road", "cat", "dog"]
+TINY_UNSEEN = ["road", "dog"]
+COLOURS = np.array([[90, 150, 240], [40, 180, 60], [120, 120, 120], [230, 140, 40], [150, 80, 40]], np.uint8)
+
+
+def make_tiny_dataset(root: Path, n_train: int = 6, n_val: int = 3, size: int = 32, seed: int = 0) -> Path:
+    """A dataset in the common on-disk format: a stuff background (top/bottom) and a
+    square thing, each class painted in its own colour with noise; labels match."""
+    rng = np.random.default_rng(seed)
+    (root / "splits").mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("val", n_val)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+        ids = []
+        for i in range(n):
+            label = np.zeros((size, size), np.uint8)
+            label[size // 2 :] = rng.choice([1, 2])
+            y, x = rng.integers(0, size // 2, 2)
+            label[y : y + size // 3, x : x + size // 3] = rng.choice([3, 4])
+            label[0, :4] = 255
+            image = COLOURS[np.where(label == 255, 0, label)].astype(np.int16)
+            image = np.clip(image + rng.integers(-20, 20, image.shape), 0, 255).astype(np.uint8)
+            image_id = f"{split}{i:03d}"
+            Image.fromarray(image).save(root / "images" / split / f"{image_id}.png")
+            Image.fromarray(label, mode="L").save(root / "labels" / split / f"{image_id}.png")
+            ids.append(image_id)
+        (root / "splits" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    meta = {"name": "tiny", "classes": TINY_CLASSES, "image_suffix": ".png", "label_suffix": ".png"}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def tiny_config(root: Path, clip_config: dict, **train: object) -> Config:
+    """A config for the tiny CLIP at 32x32: 2 stages over blocks 2..4, dropout 0."""
+    train_cfg = dict(
+        iters=6,
+        batch_size=2,
+        lr=1e-3,
+        warmup_iters=2,
+        log_interval=1,
+        checkpoint_interval=2,
+        num_workers=0,
+        augment=AugmentConfig(scale=(64, 32), ratio_range=(0.75, 1.5), crop_size=32, cat_max_ratio=1.0),
+    )
+    train_cfg.update(train)
+    return Config(
+        experiment="tiny",
+        clip=ClipConfig(
+            model="tiny", pretrained=None, model_config=clip_config, image_size=32, templates="voc"
+        ),
+        model=ModelConfig(
+            stages=[[2, 3], [4]],
+            decoder=DecoderConfig(layers=2, heads=2, ffn_dim=64, dropout=0.0),
+            vpt_tokens=3,
+        ),
+        dataset=DatasetConfig(name="tiny", root=str(root), unseen=list(TINY_UNSEEN)),
+        train=TrainConfig(**train_cfg),
+        self_train=SelfTrainConfig(iters=4, start_fraction=0.5),
+        evaluate=EvalConfig(crop_size=32, stride=24, short_side=40, num_visualize=2),
+    )
+
+
+def write_config(cfg: Config, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return path
+
+
+def trainable(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory) -> Path:
+    return make_tiny_dataset(tmp_path_factory.mktemp("tiny_data"))
+
+
+# --- pieces --------------------------------------------------------------------------------
+
+
+def test_learning_rate_warmup_then_poly():
+    from cascade_clip.train import learning_rate
+
+    lrs = [learning_rate(s, 1e-3, 100, 10, 0.9, 1e-6) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-3 * (1 - 0 / 100) ** 0.9 / 10 + 1e-6 / 10, rel=1e-3)
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))  # warm-up rises
+    assert all(a > b for a, b in zip(lrs[10:], lrs[11:]))  # then poly decays
+    assert learning_rate(100, 1e-3, 100, 10, 0.9, 1e-6) == pytest.approx(1e-6)
+
+
+def test_count_masks_and_lut():
+    from cascade_clip.train import ClassSplit, count_masks
+
+    target = torch.tensor([[[0, 0], [1, 255]], [[2, 2], [255, 255]]])
+    assert count_masks(target, 3).item() == 3
+    assert count_masks(target, 2).item() == 2  # class 2 is not a query
+    split = ClassSplit(("a", "b", "c", "d"), seen=(0, 2), unseen=(1, 3), queries=(0, 2))
+    lut = split.target_lut()
+    assert lut[torch.tensor([0, 1, 2, 3, 254, 255])].tolist() == [0, 255, 1, 255, 254, 255]
+
+
+def test_pseudo_label_takes_argmax_over_unseen_only():
+    from cascade_clip.train import pseudo_label
+
+    logits = torch.zeros(1, 3, 2, 2)
+    logits[0, 0] = 10.0  # a seen class scores highest everywhere
+    logits[0, 2, 0] = 1.0  # unseen query 2 wins the top row, query 1 the bottom row
+    logits[0, 1, 1] = 1.0
+    target = torch.tensor([[[254, 0], [254, 255]]])
+    out = pseudo_label(logits, target, unseen_queries=[1, 2])
+    assert out.tolist() == [[[2, 0], [1, 255]]]
+
+
+def test_sampler_shards_one_stream_and_resumes():
+    from cascade_clip.distributed import ShardedInfiniteSampler
+
+    def take(sampler, n):
+        it = iter(sampler)
+        return [next(it) for _ in range(n)]
+
+    whole = take(ShardedInfiniteSampler(5, seed=3), 12)
+    r0 = take(ShardedInfiniteSampler(5, 0, 2, seed=3), 6)
+    r1 = take(ShardedInfiniteSampler(5, 1, 2, seed=3), 6)
+    assert sorted(r0 + r1) == sorted(whole)
+    assert [i for _, i in whole[:5]] != list(range(5)) or [i for _, i in whole[5:10]] != list(range(5))
+    assert sorted(i for _, i in whole[:5]) == list(range(5))  # each epoch is a permutation
+    assert take(ShardedInfiniteSampler(5, seed=3, start=7), 5) == whole[7:12]
+
+
+def test_checkpoint_atomic_and_config_check(tmp_path, tiny_root, tiny_clip_config):
+    from cascade_clip.checkpoint import check_model_config, load_checkpoint, save_checkpoint
+
+    cfg = tiny_config(tiny_root, tiny_clip_config)
+    state = {"version": 1, "model": {"w": torch.ones(2)}, "config": config_to_dict(cfg), "step": 3}
+    path = save_checkpoint(state, tmp_path / "c.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary left behind
+    loaded = load_checkpoint(path)
+    check_model_config(loaded, cfg, path)
+    other = tiny_config(tiny_root, tiny_clip_config)
+    other.model.stages = [[4]]
+    other.model.seen_calibration = 0.3  # inference-only: not a difference
+    with pytest.raises(ValueError, match=r"model\.stages: checkpoint \[\[2, 3\], \[4\]\], config \[\[4\]\]"):
+        check_model_config(loaded, other, path)
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.pt: cannot read checkpoint"):
+        load_checkpoint(tmp_path / "bad.pt")
+
+
+# --- runs ----------------------------------------------------------------------------------
+
+
+class Interrupt(RuntimeError):
+    pass
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, tiny_root, tiny_clip_config):
+    """vpt (online encoder, augmentation, prompt dropout) killed after step 5 and resumed
+    from the step-4 checkpoint ends with exactly the parameters of an uninterrupted run."""
+    from cascade_clip.train import train
+
+    cfg = tiny_config(tiny_root, tiny_clip_config)
+    cfg.model.encoder_mode = "vpt"
+    full = train(cfg, tmp_path / "full")
+
+    def crash(step: int) -> None:
+        if step == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cfg, tmp_path / "cut", on_step=crash)
+    assert torch.load(tmp_path / "cut" / "ckpt_last.pt", weights_only=True)["step"] == 4
+    resumed = train(cfg, tmp_path / "cut", resume=True)
+    a, b = trainable(full), trainable(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    log = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert {"step", "loss", "lr", "time", "it_s"} <= set(log[-1])
+    assert (tmp_path / "full" / "ckpt_half.pt").is_file()
+    assert torch.load(tmp_path / "full" / "ckpt_half.pt", weights_only=True)["step"] == 3
+
+
+def test_self_training_from_half_checkpoint(tmp_path, tiny_root, tiny_clip_config):
+    """Inductive run -> ckpt_half -> transductive self-training with all classes as queries."""
+    from cascade_clip.train import train
+
+    cfg = tiny_config(tiny_root, tiny_clip_config, iters=4)
+    train(cfg, tmp_path / "ind")
+    st = tiny_config(tiny_root, tiny_clip_config, setting="transductive", iters=4)
+    final = train(st, tmp_path / "st", init=tmp_path / "ind" / "ckpt_half.pt")
+    state = torch.load(final, weights_only=True)
+    assert state["setting"] == "transductive" and state["step"] == st.self_train.iters
+    assert state["unseen"] == TINY_UNSEEN
+    init = trainable(tmp_path / "ind" / "ckpt_half.pt")
+    assert any(not torch.equal(init[k], v) for k, v in state["model"].items())
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, tiny_root, tiny_clip_config, monkeypatch):
+    import cascade_clip.train as train_mod
+
+    cfg = tiny_config(tiny_root, tiny_clip_config)
+    real = train_mod.sigmoid_focal_dice_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(train_mod, "sigmoid_focal_dice_loss", poisoned)
+    with pytest.raises(train_mod.NonFiniteLossError, match="at step 3"):
+        train_mod.train(cfg, tmp_path / "run")
+    good = torch.load(tmp_path / "run" / "ckpt_last.pt", weights_only=True)
+    assert good["step"] == 2
+    assert all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
+
+
+def test_resume_refuses_other_model_config(tmp_path, tiny_root, tiny_clip_config):
+    from cascade_clip.train import train
+
+    cfg = tiny_config(tiny_root, tiny_clip_config, iters=2)
+    train(cfg, tmp_path / "run")
+    cfg.model.decoder.heads = 4
+    with pytest.raises(ValueError, match=r"model\.decoder\.heads: checkpoint 2, config 4"):
+        train(cfg, tmp_path / "run", resume=True)
+
+
+def test_train_cli(tmp_path, tiny_root, tiny_clip_config, capsys):
+    from cascade_clip.cli import main
+
+    config = write_config(tiny_config(tiny_root, tiny_clip_config), tmp_path / "c.yaml")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--out", str(out), "--set", "train.iters=2"]) == 0
+    assert {"model_final.pt", "ckpt_last.pt", "ckpt_half.pt", "log.jsonl", "config.yaml"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert main(["train", "--config", str(config), "--out", str(out), "--init", str(tmp_path / "no.pt")]) == 2
+    assert "no.pt: checkpoint not found" in capsys.readouterr().err
