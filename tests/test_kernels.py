@@ -311,6 +311,17 @@ def test_loss_never_materialises_full_resolution(triton):
     assert 0 < Largest.numel < B * Kc * H * W // 4
 
 
+def test_degenerate_sizes(triton):
+    """One class, one channel, one pixel/query: block masks at their extremes."""
+    logits = torch.randn(2, 1, 3, 3, requires_grad=True)
+    check_loss(logits, torch.randint(0, 2, (2, 10, 9)), torch.float32)
+    feats = torch.randn(2, 3, 5, 1)
+    w = torch.rand(2)
+    assert rel_err(K.nga(feats, w), K.nga_reference(feats, w)) < 1e-6
+    p, q = torch.randn(1, 1, 1, 3), torch.randn(1, 1, 1, 3)
+    assert rel_err(K.pixel_text_logits(p, q, 1.0), K.pixel_text_logits_reference(p, q, 1.0)) < 1e-6
+
+
 # ----------------------------------------------------------------------------------------
 # The oracle itself: the reference loss against a naive re-statement of DESIGN section 1
 # ----------------------------------------------------------------------------------------
