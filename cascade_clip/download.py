@@ -357,16 +357,19 @@ def fetch_dataset(
     dataset: str,
     root: str | Path,
     *,
-    sources: dict[str, list[dict]] | None = None,
+    sources: dict | None = None,
     base_url: str | None = None,
     unpack: bool = True,
     **download_kwargs,
 ) -> Path:
     """Download (and extract) every file of `dataset` into `<root>/<dataset>/`; return it.
 
+    `sources` is `load_sources()`'s result or the YAML layout; None = the packaged file.
     `base_url` replaces each file's URL by `<base_url>/<name>` (a mirror or a test server).
     """
     sources = load_sources() if sources is None else sources
+    if isinstance(sources.get(dataset), dict):  # the YAML layout {dataset: {files: [...]}}
+        sources = {dataset: sources[dataset].get("files") or []}
     if dataset not in sources:
         raise ValueError(f"no download sources for {dataset!r}; known: {sorted(sources)}")
     folder = Path(root) / dataset

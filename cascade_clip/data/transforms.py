@@ -30,6 +30,8 @@ from cascade_clip.data import IGNORE_INDEX
 # ImageNet mean/std in 0..255 units (RGB), as MMSeg's Normalize.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
+_MEAN = np.array(IMAGENET_MEAN, dtype=np.float32)
+_STD = np.array(IMAGENET_STD, dtype=np.float32)
 
 # MMSeg PhotoMetricDistortion defaults.
 BRIGHTNESS_DELTA = 32.0
@@ -206,10 +208,8 @@ def apply_photometric(image: np.ndarray, p: Photometric) -> np.ndarray:
 
 def normalize(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 RGB -> (3, H, W) float32 with ImageNet mean/std."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (x - mean) / std
+    x = (np.asarray(image, dtype=np.float32) - _MEAN) / _STD
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
 def denormalize(image: torch.Tensor) -> np.ndarray:
