@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import json
+
+from cascade_clip.config import add_config_arguments
 
 HELP = "Check a feature cache: counts, shapes, dtypes, finiteness and attributes."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="experiment YAML file")
+    add_config_arguments(parser)
+    parser.add_argument("--cache", required=True, help="joined index (or a single shard) to check")
+    parser.add_argument("--split", default=None, help="split the cache holds (default: dataset.train_split)")
+    parser.add_argument("--sample", type=int, default=None,
+                        help="check the values of only this many evenly spaced rows (default: all)")
 
 
 def run(args: argparse.Namespace) -> int:
-    print("cascade-clip cache-verify: not yet implemented", file=sys.stderr)
-    return 1
+    from cascade_clip.cache import verify_cache
+    from cascade_clip.config import config_from_args
+
+    cfg = config_from_args(args)
+    summary = verify_cache(args.cache, cfg, split=args.split, sample=args.sample)
+    print(json.dumps(summary, indent=2))
+    print(f"{args.cache}: OK")
+    return 0

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from cascade_clip.config import add_config_arguments
 
 HELP = "Compute and cache the class text embeddings with the frozen text tower."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="experiment YAML file")
+    add_config_arguments(parser)
+    parser.add_argument("--out", required=True, help="output HDF5 file")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
 
 
 def run(args: argparse.Namespace) -> int:
-    print("cascade-clip text-embeddings: not yet implemented", file=sys.stderr)
-    return 1
+    from cascade_clip.config import config_from_args
+    from cascade_clip.text_cache import compute_text_embeddings, write_text_embeddings
+
+    cfg = config_from_args(args)
+    emb, names = compute_text_embeddings(cfg, device=args.device)
+    out = write_text_embeddings(args.out, cfg, emb, names)
+    what = f"{cfg.dataset.name}, templates {cfg.clip.templates}"
+    print(f"{out}: {len(names)} classes x {emb.shape[1]} ({what})")
+    return 0

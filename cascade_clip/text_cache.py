@@ -1,0 +1,128 @@
+"""Cached class text embeddings (DESIGN section 1, "Text side").
+
+Per dataset and template set, the (K, C) float32 embeddings of ALL the dataset's classes
+(train-id order) are computed once with the frozen text tower and stored in HDF5::
+
+    /embeddings   (K, C) float32, L2-normalised rows
+    /class_names  (K,)   UTF-8 strings
+    attrs: kind, format_version, code_version, model, weights_digest, template_set,
+           templates (JSON list), dataset, num_classes, embed_dim, created
+
+The file is written to `<out>.partial` and renamed. `load_text_embeddings` refuses a file
+whose model, weights, template set, templates, dataset or class names differ from the
+config, naming the field.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+import cascade_clip
+from cascade_clip.cache import CacheError, CacheMismatchError, _attrs, _open_h5, partial_path, weights_digest
+from cascade_clip.config import Config
+
+TEXT_FORMAT_VERSION = 1
+TEXT_KIND = "cascade-clip/text-embeddings"
+
+
+def dataset_classes(cfg: Config) -> list[str]:
+    """All class names of `cfg.dataset` in train-id order: from `<root>/dataset.json` when
+    the dataset is prepared, else from the registry."""
+    from cascade_clip.data import get_spec, load_classes
+
+    root = Path(cfg.dataset.root)
+    if (root / "dataset.json").is_file():
+        return list(load_classes(root))
+    return list(get_spec(cfg.dataset.name).classes)
+
+
+def text_provenance(cfg: Config, class_names: list[str] | None = None) -> dict[str, Any]:
+    """The attributes a text-embedding file must share with the config that reads it."""
+    from cascade_clip.model import get_templates
+
+    return {
+        "format_version": TEXT_FORMAT_VERSION,
+        "model": cfg.clip.model,
+        "weights_digest": weights_digest(cfg.clip),
+        "template_set": cfg.clip.templates,
+        "templates": json.dumps(list(get_templates(cfg.clip.templates))),
+        "dataset": cfg.dataset.name,
+        "class_names": class_names if class_names is not None else dataset_classes(cfg),
+    }
+
+
+def compute_text_embeddings(
+    cfg: Config, clip_model: torch.nn.Module | None = None, tokenizer: Any = None, device: str | None = None
+) -> tuple[torch.Tensor, list[str]]:
+    """(K, C) float32 embeddings of every class of `cfg.dataset`, and the class names."""
+    from cascade_clip.model import class_embeddings, get_templates, load_clip
+
+    if clip_model is None:
+        clip_model, tokenizer = load_clip(cfg.clip)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    clip_model = clip_model.to(device).eval()
+    names = dataset_classes(cfg)
+    emb = class_embeddings(clip_model, tokenizer, names, get_templates(cfg.clip.templates), device=device)
+    return emb.float().cpu(), names
+
+
+def write_text_embeddings(path: str | Path, cfg: Config, embeddings: torch.Tensor, names: list[str]) -> Path:
+    """Store `embeddings` (K, C) with provenance; written to a temp name, then renamed."""
+    path = Path(path)
+    if embeddings.dim() != 2 or embeddings.shape[0] != len(names):
+        raise ValueError(f"{path}: embeddings {tuple(embeddings.shape)} do not fit {len(names)} class names")
+    if not torch.isfinite(embeddings).all():
+        raise ValueError(f"{path}: non-finite text embeddings, refusing to store them")
+    prov = text_provenance(cfg, names)
+    tmp = partial_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("embeddings", data=embeddings.detach().cpu().float().numpy())
+            f.create_dataset("class_names", data=np.array(names, dtype=h5py.string_dtype()))
+            for key, value in prov.items():
+                if key != "class_names":
+                    f.attrs[key] = value
+            f.attrs.update(
+                kind=TEXT_KIND,
+                code_version=cascade_clip.__version__,
+                num_classes=len(names),
+                embed_dim=int(embeddings.shape[1]),
+                created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            )
+    except OSError as err:
+        raise CacheError(f"{tmp}: cannot write text embeddings ({err})") from None
+    os.replace(tmp, path)
+    return path
+
+
+def load_text_embeddings(path: str | Path, cfg: Config) -> tuple[torch.Tensor, list[str]]:
+    """(K, C) float32 tensor and the class names, after checking provenance against `cfg`."""
+    path = Path(path)
+    with _open_h5(path) as f:
+        attrs = _attrs(f)
+        if attrs.get("kind") != TEXT_KIND:
+            raise CacheError(f"{path}: not a cascade-clip text-embedding file (kind={attrs.get('kind')!r})")
+        try:
+            emb = torch.from_numpy(f["embeddings"][:]).float()
+            names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["class_names"][:]]
+        except (KeyError, OSError) as err:
+            raise CacheError(f"{path}: unreadable text embeddings ({err})") from None
+    wanted = text_provenance(cfg)
+    attrs["class_names"] = names
+    for field, want in wanted.items():
+        if attrs.get(field) != want:
+            raise CacheMismatchError(
+                path, field, attrs.get(field), want, "recompute with cascade-clip text-embeddings"
+            )
+    if emb.dim() != 2 or emb.shape[0] != len(names) or not torch.isfinite(emb).all():
+        raise CacheError(f"{path}: embeddings {tuple(emb.shape)} are malformed or non-finite")
+    return emb, names

@@ -1,0 +1,399 @@
+"""The HDF5 feature cache and the text-embedding cache on a tiny CLIP and a tiny dataset (CPU)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from torch.utils.data import DataLoader, default_collate
+
+from cascade_clip import cache
+from cascade_clip.cache import (
+    CacheError,
+    CacheMismatchError,
+    FeatureCacheDataset,
+    join_shards,
+    open_layout,
+    to_tap_features,
+    verify_cache,
+    write_shard,
+)
+from cascade_clip.cli import main as cli_main
+from cascade_clip.config import ClipConfig, config_from_dict
+from cascade_clip.data.dataset import SegmentationDataset
+from cascade_clip.data.transforms import TrainTransform
+from cascade_clip.kernels import sigmoid_focal_dice_loss
+from cascade_clip.model import CascadeCLIP, load_clip
+from cascade_clip.text_cache import load_text_embeddings
+
+CLASSES = ["sky", "grass", "cat", "dog", "tree"]
+UNSEEN = ["dog", "tree"]
+NUM_IMAGES = 5
+
+
+def _write_dataset(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    (root / "splits").mkdir(parents=True)
+    ids = [f"img{i:02d}" for i in range(NUM_IMAGES)]
+    for sub in ("images/train", "labels/train"):
+        (root / sub).mkdir(parents=True)
+    for i, image_id in enumerate(ids):
+        h, w = 36 + 4 * i, 44 - 2 * i
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+            root / "images/train" / f"{image_id}.png"
+        )
+        label = np.zeros((h, w), np.uint8)
+        label[h // 2 :] = 1
+        label[: h // 3, : w // 2] = 2 + (i % 3)  # cat, dog or tree
+        label[-3:, -5:] = 255
+        Image.fromarray(label, mode="L").save(root / "labels/train" / f"{image_id}.png")
+    (root / "splits/train.txt").write_text("\n".join(ids) + "\n")
+    meta = {"name": "tiny", "classes": CLASSES, "image_suffix": ".png", "label_suffix": ".png"}
+    (root / "dataset.json").write_text(json.dumps(meta))
+
+
+def _cfg_dict(root: Path, weights: Path, model_config: dict, **over) -> dict:
+    d = {
+        "experiment": "tiny",
+        "seed": 3,
+        "clip": {"model": "tiny", "pretrained": str(weights), "model_config": model_config,
+                 "image_size": 32, "templates": "voc"},
+        "model": {"stages": [[2, 3], [4]],
+                  "decoder": {"layers": 2, "heads": 2, "ffn_dim": 64, "dropout": 0.0}},
+        "dataset": {"name": "tiny", "root": str(root), "unseen": UNSEEN},
+        "train": {"augment": {"scale": [64, 32], "ratio_range": [0.5, 2.0], "crop_size": 32,
+                              "cat_max_ratio": 0.75}},
+        "cache": {"views_per_image": 2, "batch_size": 3},
+    }
+    for dotted, value in over.items():
+        node = d
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return d
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny dataset, tiny CLIP weights on disk, a config file, and the model."""
+    from conftest import TINY_CLIP_CONFIG  # tests/conftest.py
+
+    tmp = tmp_path_factory.mktemp("cache_world")
+    root = tmp / "data"
+    _write_dataset(root)
+    torch.manual_seed(0)
+    clip, _ = load_clip(ClipConfig(model="tiny", pretrained=None, model_config=TINY_CLIP_CONFIG,
+                                         image_size=32))
+    weights = tmp / "tiny_clip.pt"
+    torch.save(clip.state_dict(), weights)
+    d = _cfg_dict(root, weights, TINY_CLIP_CONFIG)
+    cfg_path = tmp / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(d))
+    cfg = config_from_dict(d)
+    model = cache.build_model(cfg)
+    return {"tmp": tmp, "root": root, "weights": weights, "dict": d, "cfg": cfg, "cfg_path": cfg_path,
+            "model": model, "clip_config": TINY_CLIP_CONFIG}
+
+
+def _cfg(world, **over):
+    return config_from_dict(_cfg_dict(world["root"], world["weights"], world["clip_config"], **over))
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def joined(world):
+    """Two shards written and joined once for the module."""
+    out = world["tmp"] / "cache"
+    shards = [write_shard(world["cfg"], "train", (i, 2), out / f"shard-{i}-of-2.h5", model=world["model"],
+                          progress=False, log=_quiet) for i in range(2)]
+    index = join_shards(shards, out / "train.h5")
+    return {"shards": shards, "index": index}
+
+
+def test_write_join_verify_read(world, joined):
+    cfg = world["cfg"]
+    summary = verify_cache(joined["index"], cfg, progress=False)
+    assert summary["rows"] == NUM_IMAGES * 2 and summary["shards"] == 2
+    assert summary["max_norm_error"] < 1e-2
+    with h5py.File(joined["shards"][0]) as f:
+        assert f["taps"].chunks == (1, 3, 16, 32) and f["taps"].dtype == np.float16
+        assert f["taps"].compression is None
+        for key in ("model", "weights_digest", "tapped_blocks", "tap_projection", "tap_seed", "input_size",
+                    "mean", "std", "image_list_digest", "code_version", "format_version"):
+            assert key in f.attrs
+        assert f.attrs["weights_digest"].startswith("sha256:")
+    ds = FeatureCacheDataset(joined["index"], cfg, mode="inductive")
+    assert len(ds) == NUM_IMAGES * 2
+    item = ds[3]
+    assert item["taps"].shape == (3, 16, 32) and item["taps"].dtype == torch.float16
+    assert item["global_token"].shape == (32,) and item["label"].shape == (32, 32)
+    assert item["label"].dtype == torch.int64
+    batch = next(iter(DataLoader(ds, batch_size=4, num_workers=0)))
+    feats = to_tap_features(batch)
+    assert feats.taps.shape == (3, 4, 16, 32) and feats.taps.dtype == torch.float32
+    assert feats.grid == (4, 4) and feats.global_token.shape == (4, 32)
+    # every image appears views_per_image times, views differ
+    assert sorted(open_layout(joined["index"]).image_index.tolist()) == sorted(list(range(NUM_IMAGES)) * 2)
+
+
+def test_label_modes_and_views_match_the_online_loader(world, joined):
+    cfg = world["cfg"]
+    unseen_ids = [CLASSES.index(n) for n in UNSEEN]
+    online = SegmentationDataset(world["root"], "train", unseen=UNSEEN, mode="inductive",
+                                 transform=TrainTransform(cfg.train.augment, return_view=True), seed=cfg.seed)
+    modes = {m: FeatureCacheDataset(joined["index"], cfg, mode=m)
+             for m in ("inductive", "transductive", "fully_supervised")}
+    seen_unseen = False
+    for i in range(len(modes["inductive"])):
+        items = {m: ds[i] for m, ds in modes.items()}
+        full = items["fully_supervised"]["label"]
+        is_unseen = torch.isin(full, torch.tensor(unseen_ids))
+        seen_unseen |= bool(is_unseen.any())
+        assert (items["inductive"]["label"][is_unseen] == 255).all()
+        assert (items["transductive"]["label"][is_unseen] == 254).all()
+        assert torch.equal(items["inductive"]["label"][~is_unseen], full[~is_unseen])
+        # view v of image i is the online loader's view at epoch v
+        online.set_epoch(items["inductive"]["view"])
+        ref = online[items["inductive"]["index"]]
+        assert ref["view"] == modes["inductive"].view(i)
+        assert torch.equal(ref["label"], items["inductive"]["label"])
+    assert seen_unseen
+
+
+def test_drop_unseen_images_filters_rows(world, joined):
+    cfg = _cfg(world, **{"dataset.drop_unseen_images": True})
+    ds = FeatureCacheDataset(joined["index"], cfg, mode="inductive")
+    # images 1, 2 (dog, tree), 4 (dog) hold unseen classes: images 0 and 3 remain
+    assert sorted({ds[i]["index"] for i in range(len(ds))}) == [0, 3]
+
+
+def test_cached_loss_equals_online_loss(world, joined):
+    """The head's loss from cached features equals the loss with the encoder run online."""
+    cfg, model = world["cfg"], world["model"]
+    text_path = world["tmp"] / "text.h5"
+    assert cli_main(["text-embeddings", "--config", str(world["cfg_path"]), "--out", str(text_path),
+                     "--device", "cpu"]) == 0
+    text, names = load_text_embeddings(text_path, cfg)
+    assert names == CLASSES
+    seen = [i for i, n in enumerate(CLASSES) if n not in UNSEEN]
+    remap = torch.full((256,), 255, dtype=torch.long)
+    remap[seen] = torch.arange(len(seen))
+
+    ds = FeatureCacheDataset(joined["index"], cfg, mode="inductive")
+    batch = default_collate([ds[i] for i in (0, 3, 6, 9)])
+    online = SegmentationDataset(world["root"], "train", unseen=UNSEEN, mode="inductive",
+                                 transform=TrainTransform(cfg.train.augment), seed=cfg.seed)
+    images, labels = [], []
+    for index, view in zip(batch["index"].tolist(), batch["view"].tolist()):
+        online.set_epoch(view)
+        item = online[index]
+        images.append(item["image"])
+        labels.append(item["label"])
+    assert torch.equal(torch.stack(labels), batch["label"])
+
+    def loss_and_grads(feats):
+        model.zero_grad()
+        logits = model.forward_features(feats, text[seen])
+        loss = sigmoid_focal_dice_loss(logits, remap[batch["label"]])
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.head.parameters() if p.grad is not None]
+
+    model.train()
+    with torch.no_grad():
+        online_feats = model.encode(torch.stack(images))
+    loss_cached, grads_cached = loss_and_grads(to_tap_features(batch))
+    loss_online, grads_online = loss_and_grads(online_feats)
+    model.eval()
+    assert torch.isfinite(loss_online) and loss_online > 0
+    torch.testing.assert_close(loss_cached, loss_online, rtol=2e-3, atol=1e-4)
+    for gc, go in zip(grads_cached, grads_online):
+        torch.testing.assert_close(gc, go, rtol=5e-2, atol=5e-4)
+
+
+def test_block_subset_reads_and_foreign_cache_is_refused(world, joined):
+    sub = FeatureCacheDataset(joined["index"], _cfg(world, **{"model.stages": [[4], [3]]}))
+    full = FeatureCacheDataset(joined["index"], world["cfg"])
+    assert torch.equal(sub[0]["taps"], full[0]["taps"][[2, 1]])
+    cases = {
+        "tapped_blocks": {"model.stages": [[1, 2], [4]]},
+        "tap_seed": {"model.tap_seed": 7},
+        "views_per_image": {"cache.views_per_image": 3},
+        "seed": {"seed": 4},
+        "augment": {"train.augment.flip": False},
+        "unseen": {"dataset.unseen": ["dog"]},
+    }
+    for field, over in cases.items():
+        with pytest.raises(CacheMismatchError, match=f"'{field}'") as info:
+            FeatureCacheDataset(joined["index"], _cfg(world, **over))
+        assert str(joined["index"]) in str(info.value)
+    other = dict(world["clip_config"], embed_dim=16)
+    cfg = config_from_dict(_cfg_dict(world["root"], world["weights"], other))
+    with pytest.raises(CacheMismatchError, match="'weights_digest'"):
+        verify_cache(joined["index"], cfg, progress=False)
+
+
+def test_truncated_corrupt_and_missing_files(world, joined, tmp_path):
+    shard = joined["shards"][1]
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(CacheError, match="truncated.h5.*truncated or corrupt"):
+        open_layout(truncated)
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"not hdf5 at all" * 100)
+    with pytest.raises(CacheError, match="garbage.h5"):
+        FeatureCacheDataset(garbage, world["cfg"])
+    with pytest.raises(FileNotFoundError, match="nope.h5"):
+        open_layout(tmp_path / "nope.h5")
+    # a flipped data chunk (NaN bit pattern) is caught by verify, naming the file and row
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(shard.read_bytes())
+    with h5py.File(bad) as f:
+        info = f["taps"].id.get_chunk_info(2)
+        offset, row = info.byte_offset, info.chunk_offset[0]
+    with open(bad, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(b"\xff" * 64)
+    with pytest.raises(CacheError, match=f"bad.h5: row {row} holds non-finite"):
+        verify_cache(bad, world["cfg"], progress=False)
+
+
+def test_missing_shard_is_a_clear_error(world, joined, tmp_path):
+    with pytest.raises(CacheError, match=r"shard\(s\) \[1\] of 2 missing"):
+        join_shards(joined["shards"][:1], tmp_path / "j.h5")
+    with pytest.raises(FileNotFoundError, match="shard file not found"):
+        join_shards([joined["shards"][0], tmp_path / "shard-1-of-2.h5"], tmp_path / "j.h5")
+    # an index whose shard disappeared after the join
+    copies = []
+    for s in joined["shards"]:
+        copies.append(tmp_path / s.name)
+        copies[-1].write_bytes(s.read_bytes())
+    index = join_shards(copies, tmp_path / "j.h5")
+    copies[1].unlink()
+    with pytest.raises(CacheError, match=r"shard 1/2 .*shard-1-of-2.h5 is missing"):
+        FeatureCacheDataset(index, world["cfg"])
+    with pytest.raises(CacheError, match="exists"):
+        join_shards(copies[:1], index)
+
+
+def test_disk_full_keeps_partial_and_verified_cache(world, joined, tmp_path, monkeypatch):
+    out = tmp_path / "shard.h5"
+    out.write_bytes(joined["shards"][0].read_bytes())  # a complete, verified cache for seed 3
+    before = out.read_bytes()
+    cfg = _cfg(world, seed=5)
+    calls = {"n": 0}
+    real = cache._write_rows
+
+    def full_disk(f, start, rows):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(f, start, rows)
+
+    monkeypatch.setattr(cache, "_write_rows", full_disk)
+    with pytest.raises(CacheError, match=r"shard.h5.partial: disk full after 3/4 rows.*rerun to resume"):
+        write_shard(cfg, "train", (0, 2), out, model=world["model"], overwrite=True, progress=False, log=_quiet)
+    assert out.read_bytes() == before
+    assert cache.partial_path(out).exists()
+    # a rerun without --overwrite refuses to touch the other config's cache, naming the field
+    monkeypatch.setattr(cache, "_write_rows", real)
+    with pytest.raises(CacheMismatchError, match="'seed'.*kept"):
+        write_shard(cfg, "train", (0, 2), out, model=world["model"], progress=False, log=_quiet)
+    logs = []
+    write_shard(cfg, "train", (0, 2), out, model=world["model"], overwrite=True, progress=False, log=logs.append)
+    assert any("resuming after 3/4" in m for m in logs)
+    assert not cache.partial_path(out).exists()
+    verify_cache(out, cfg, progress=False)
+
+
+def test_killed_shard_resumes_to_the_same_file(world, joined, tmp_path):
+    """A writer killed (os._exit) after writing but before marking a batch resumes where it
+    stopped, through the CLI, and gives the same features as an uninterrupted run."""
+    out = tmp_path / "shard-0-of-2.h5"
+    script = textwrap.dedent(f"""
+        import os
+        from cascade_clip import cache
+        from cascade_clip.cli import main
+        real, calls = cache._write_rows, [0]
+        def killer(f, start, rows):
+            real(f, start, rows)
+            calls[0] += 1
+            if calls[0] == 2:
+                os._exit(9)  # killed after flushing the rows, before their done flags
+        cache._write_rows = killer
+        main(["cache-features", "--config", {str(world["cfg_path"])!r}, "--shard", "0/2",
+              "--out", {str(out)!r}, "--device", "cpu", "--workers", "0"])
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
+    assert proc.returncode == 9, proc.stderr
+    assert not out.exists() and cache.partial_path(out).exists()
+    with h5py.File(cache.partial_path(out)) as f:
+        assert cache._done_prefix(f) == 3
+    args = ["cache-features", "--config", str(world["cfg_path"]), "--shard", "0/2", "--out", str(out),
+            "--device", "cpu", "--workers", "0"]
+    assert cli_main(args) == 0
+    with h5py.File(out) as a, h5py.File(joined["shards"][0]) as b:
+        np.testing.assert_array_equal(a["taps"][:], b["taps"][:])
+        np.testing.assert_array_equal(a["view"][:], b["view"][:])
+    assert cli_main(args) == 0  # complete: nothing to do
+    assert cli_main(["cache-verify", "--config", str(world["cfg_path"]), "--cache", str(out)]) == 0
+
+
+def test_cli_join_verify_and_refusals(world, joined, tmp_path, capsys):
+    cfg_path = str(world["cfg_path"])
+    index = tmp_path / "train.h5"
+    assert cli_main(["cache-join", "--inputs", *map(str, joined["shards"]), "--out", str(index)]) == 0
+    assert cli_main(["cache-verify", "--config", cfg_path, "--cache", str(index), "--sample", "3"]) == 0
+    assert cli_main(["cache-features", "--config", cfg_path, "--split", "val", "--out", str(tmp_path / "v.h5")]) == 2
+    assert "Validation is evaluated online" in capsys.readouterr().err
+    assert cli_main(["cache-features", "--config", cfg_path, "--set", "model.encoder_mode=vpt",
+                     "--out", str(tmp_path / "v.h5")]) == 2
+    assert "encoder_mode is 'vpt'" in capsys.readouterr().err
+    assert cli_main(["cache-verify", "--config", cfg_path, "--set", "model.tap_seed=1",
+                     "--cache", str(index)]) == 2
+    assert "'tap_seed'" in capsys.readouterr().err
+    assert cli_main(["cache-features", "--config", cfg_path, "--shard", "2/2", "--out", "x.h5"]) == 2
+
+
+def test_text_embeddings_provenance(world, tmp_path):
+    from cascade_clip.text_cache import compute_text_embeddings, write_text_embeddings
+
+    cfg = world["cfg"]
+    emb, names = compute_text_embeddings(cfg, device="cpu")
+    assert emb.shape == (len(CLASSES), 32) and emb.dtype == torch.float32
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(len(CLASSES)))
+    path = write_text_embeddings(tmp_path / "text.h5", cfg, emb, names)
+    loaded, loaded_names = load_text_embeddings(path, cfg)
+    assert torch.equal(loaded, emb) and loaded_names == CLASSES
+    with pytest.raises(CacheMismatchError, match="'template_set'"):
+        load_text_embeddings(path, _cfg(world, **{"clip.templates": "coco"}))
+    with pytest.raises(CacheMismatchError, match="'weights_digest'"):
+        load_text_embeddings(path, config_from_dict(
+            _cfg_dict(world["root"], world["weights"], dict(world["clip_config"], embed_dim=16))))
+    with pytest.raises(CacheMismatchError, match="'dataset'"):
+        load_text_embeddings(path, _cfg(world, **{"dataset.name": "other"}))
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    meta = json.loads((world["root"] / "dataset.json").read_text())
+    meta["classes"] = [*CLASSES[:-1], "bush"]
+    (renamed / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(CacheMismatchError, match="'class_names'"):
+        load_text_embeddings(path, _cfg(world, **{"dataset.root": str(renamed)}))
+    (tmp_path / "bad.h5").write_bytes(b"x" * 10)
+    with pytest.raises(CacheError, match="bad.h5"):
+        load_text_embeddings(tmp_path / "bad.h5", cfg)
