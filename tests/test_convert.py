@@ -175,7 +175,7 @@ def test_prepare_cli_voc12_then_loader(tmp_path):
     write_voc_fixture(tmp_path / "downloads" / "voc12")
     out = tmp_path / "data" / "voc12"
     assert main(["prepare", "--dataset", "voc12", "--downloads", str(tmp_path / "downloads"),
-                 "--out", str(out)]) == 0
+                 "--out", str(out), "--workers", "2"]) == 0
     ds = SegmentationDataset(out, "train", unseen=["pottedplant", "tvmonitor"])
     labels = {ds[i]["id"]: ds[i]["label"] for i in range(len(ds))}
     assert 15 not in labels["2008_000003"] and 19 not in labels["2008_000003"]

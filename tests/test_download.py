@@ -39,7 +39,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_error(404)
             return
         start = 0
-        if rng:
+        if rng and not srv.ignore_range:
             m = re.fullmatch(r"bytes=(\d+)-", rng)
             start = int(m.group(1))
             if start >= len(data):
@@ -71,7 +71,7 @@ class _Handler(BaseHTTPRequestHandler):
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     srv.daemon_threads = True
-    srv.files, srv.drop_once, srv.log = {}, set(), []
+    srv.files, srv.drop_once, srv.log, srv.ignore_range = {}, set(), [], False
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
@@ -121,6 +121,14 @@ def test_existing_part_file_is_resumed(server, tmp_path):
     download(f"{server.url}/p.bin", dest, md5=_md5(PAYLOAD), **FAST)
     assert dest.read_bytes() == PAYLOAD
     assert server.log == [("/p.bin", "bytes=1000-")]
+
+
+def test_server_ignoring_range_restarts_from_zero(server, tmp_path):
+    server.files["/r.bin"] = PAYLOAD
+    server.ignore_range = True
+    (tmp_path / "r.bin.part").write_bytes(b"stale bytes")
+    download(f"{server.url}/r.bin", tmp_path / "r.bin", md5=_md5(PAYLOAD), **FAST)
+    assert (tmp_path / "r.bin").read_bytes() == PAYLOAD
 
 
 def test_complete_part_file_gets_416_and_verifies(server, tmp_path):
