@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from cascade_clip.kernels import sigmoid_focal_dice_loss
 from PIL import Image
 from torch.utils.data import DataLoader, default_collate
 
@@ -33,8 +34,7 @@ from cascade_clip.cli import main as cli_main
 from cascade_clip.config import ClipConfig, config_from_dict
 from cascade_clip.data.dataset import SegmentationDataset
 from cascade_clip.data.transforms import TrainTransform
-from cascade_clip.kernels import sigmoid_focal_dice_loss
-from cascade_clip.model import CascadeCLIP, load_clip
+from cascade_clip.model import load_clip
 from cascade_clip.text_cache import load_text_embeddings
 
 CLASSES = ["sky", "grass", "cat", "dog", "tree"]
@@ -306,7 +306,8 @@ def test_disk_full_keeps_partial_and_verified_cache(world, joined, tmp_path, mon
 
     monkeypatch.setattr(cache, "_write_rows", full_disk)
     with pytest.raises(CacheError, match=r"shard.h5.partial: disk full after 3/4 rows.*rerun to resume"):
-        write_shard(cfg, "train", (0, 2), out, model=world["model"], overwrite=True, progress=False, log=_quiet)
+        write_shard(cfg, "train", (0, 2), out, model=world["model"], overwrite=True, progress=False,
+                    log=_quiet)
     assert out.read_bytes() == before
     assert cache.partial_path(out).exists()
     # a rerun without --overwrite refuses to touch the other config's cache, naming the field
@@ -314,7 +315,8 @@ def test_disk_full_keeps_partial_and_verified_cache(world, joined, tmp_path, mon
     with pytest.raises(CacheMismatchError, match="'seed'.*kept"):
         write_shard(cfg, "train", (0, 2), out, model=world["model"], progress=False, log=_quiet)
     logs = []
-    write_shard(cfg, "train", (0, 2), out, model=world["model"], overwrite=True, progress=False, log=logs.append)
+    write_shard(cfg, "train", (0, 2), out, model=world["model"], overwrite=True, progress=False,
+                log=logs.append)
     assert any("resuming after 3/4" in m for m in logs)
     assert not cache.partial_path(out).exists()
     verify_cache(out, cfg, progress=False)
@@ -359,7 +361,8 @@ def test_cli_join_verify_and_refusals(world, joined, tmp_path, capsys):
     index = tmp_path / "train.h5"
     assert cli_main(["cache-join", "--inputs", *map(str, joined["shards"]), "--out", str(index)]) == 0
     assert cli_main(["cache-verify", "--config", cfg_path, "--cache", str(index), "--sample", "3"]) == 0
-    assert cli_main(["cache-features", "--config", cfg_path, "--split", "val", "--out", str(tmp_path / "v.h5")]) == 2
+    val = ["cache-features", "--config", cfg_path, "--split", "val", "--out", str(tmp_path / "v.h5")]
+    assert cli_main(val) == 2
     assert "Validation is evaluated online" in capsys.readouterr().err
     assert cli_main(["cache-features", "--config", cfg_path, "--set", "model.encoder_mode=vpt",
                      "--out", str(tmp_path / "v.h5")]) == 2
