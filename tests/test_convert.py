@@ -35,10 +35,8 @@ def _jpg(path: Path, h: int, w: int, seed: int = 0) -> None:
 def _png(path: Path, arr: np.ndarray, palette: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     im = Image.fromarray(arr.astype(np.uint8))
-    if palette:  # VOC SegmentationClass PNGs are palette images
-        im = im.convert("P")
-        im.putpalette([v for i in range(256) for v in ((i * 37) % 256, (i * 91) % 256, i)])
-        im = Image.fromarray(arr.astype(np.uint8), mode="P")
+    if palette:  # VOC SegmentationClass PNGs are palette images: pixel = class index
+        im = Image.frombytes("P", im.size, im.tobytes())
         im.putpalette([v for i in range(256) for v in ((i * 37) % 256, (i * 91) % 256, i)])
     im.save(path)
 
