@@ -213,3 +213,25 @@ def test_dataloader_workers_do_not_change_augmentation(tiny):
     multi = [b["image"] for b in DataLoader(ds, batch_size=1, num_workers=2,
                                            worker_init_fn=worker_init_fn)]
     assert all(torch.equal(x, y) for x, y in zip(single, multi))
+
+
+def test_loader_serves_the_shapes_world(tmp_path):
+    shapes = pytest.importorskip("cascade_clip.data.shapes")
+    root = shapes.generate_shapes(tmp_path / "shapes", seed=0, num_train=4, num_val=2,
+                                  image_size=32, progress=False)
+    spec = get_spec("shapes", root)
+    assert spec.classes == tuple(DATASETS["shapes"].classes) and len(spec.classes) >= 15
+    seen, unseen = resolve_split(spec)
+    assert unseen and set(seen).isdisjoint(unseen)
+    ind = SegmentationDataset(root, "train", unseen=spec.unseen, mode="inductive")
+    trans = SegmentationDataset(root, "train", unseen=spec.unseen, mode="transductive")
+    assert len(SegmentationDataset(root, "val", mode="eval")) == 2
+    for i in range(len(ind)):
+        raw = torch.from_numpy(ind.load_raw(i)[1].astype(np.int64))
+        is_unseen = torch.isin(raw, torch.tensor(unseen))
+        assert not torch.isin(ind[i]["label"], torch.tensor(unseen)).any()
+        assert torch.equal(ind[i]["label"] == IGNORE_INDEX, is_unseen | (raw == IGNORE_INDEX))
+        assert torch.equal(trans[i]["label"] == UNSEEN_INDEX, is_unseen)
+    aug = SegmentationDataset(root, "train", unseen=spec.unseen,
+                              transform=TrainTransform(AugmentConfig(scale=(64, 32), crop_size=32)))
+    assert aug[0]["image"].shape == (3, 32, 32)
