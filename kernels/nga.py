@@ -137,10 +137,16 @@ def _nga_bwd_kernel(
 # ----------------------------------------------------------------------------------------
 
 
-def _blocks(c: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_C, num_warps): ~4096-element tiles, channels innermost."""
+def _blocks(c: int, elements: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps) for tiles of ``elements`` elements, channels innermost.
+
+    Fixed heuristics (no autotuning): compiled for sm_90, 2048-element forward tiles and
+    1024-element backward tiles with 4 warps need 72 registers a thread and no spills;
+    twice that reaches ~150-250 registers (the backward spills), starving the occupancy a
+    memory-bound kernel needs.
+    """
     block_c = min(triton.next_power_of_2(c), 256)
-    block_r = max(1, 4096 // block_c)
+    block_r = max(1, elements // block_c)
     return block_r, block_c, 4
 
 
@@ -148,7 +154,7 @@ def _nga_forward(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     L, B, N, C = features.shape
     out = new_output((B, N, C), features.dtype, features.device)
     R = B * N
-    block_r, block_c, num_warps = _blocks(C)
+    block_r, block_c, num_warps = _blocks(C, 2048)
     grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
     _nga_fwd_kernel[grid](
         features, weights, out,
@@ -170,7 +176,7 @@ def _nga_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     L, B, N, C = features.shape
     R = B * N
-    block_r, block_c, num_warps = _blocks(C)
+    block_r, block_c, num_warps = _blocks(C, 1024)
     grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
     n_programs = grid[0] * grid[1]
     gf = new_output(tuple(features.shape), features.dtype, features.device) if need_gf else None
