@@ -11,7 +11,9 @@ With ``x[b, k, p]`` the logits upsampled bilinearly (``align_corners=False``) fr
 
 With ``ignore_as_negative=True`` (the released behaviour) ignore pixels are in ``P`` as
 negatives of every class; with ``False`` they leave ``P`` and the dice sums. A batch item
-whose pixels are all ignored then contributes 0 to the focal term.
+whose pixels are all ignored then contributes 0 to the focal term. ``num_masks``, when
+given, replaces ``M`` (multi-GPU training passes the all-reduced mean; still clamped to at
+least 1).
 """
 
 from __future__ import annotations
