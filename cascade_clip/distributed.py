@@ -114,6 +114,14 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return out / get_world_size()
 
 
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Maximum of `tensor` over all ranks (a new tensor)."""
+    out = tensor.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects)."""
     if not dist.is_initialized():

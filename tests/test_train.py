@@ -53,7 +53,7 @@ def make_tiny_dataset(root: Path, n_train: int = 6, n_val: int = 3, size: int = 
             image = np.clip(image + rng.integers(-20, 20, image.shape), 0, 255).astype(np.uint8)
             image_id = f"{split}{i:03d}"
             Image.fromarray(image).save(root / "images" / split / f"{image_id}.png")
-            Image.fromarray(label, mode="L").save(root / "labels" / split / f"{image_id}.png")
+            Image.fromarray(label).save(root / "labels" / split / f"{image_id}.png")
             ids.append(image_id)
         (root / "splits" / f"{split}.txt").write_text("\n".join(ids) + "\n")
     meta = {"name": "tiny", "classes": TINY_CLASSES, "image_suffix": ".png", "label_suffix": ".png"}

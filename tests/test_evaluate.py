@@ -1,0 +1,102 @@
+"""Evaluation: metrics files, calibration, frozen-CLIP baseline, cross-dataset, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from test_train import TINY_CLASSES, TINY_UNSEEN, make_tiny_dataset, tiny_config, write_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(config, checkpoint) of a 2-step inductive run on the tiny dataset."""
+    from conftest import TINY_CLIP_CONFIG
+
+    from cascade_clip.train import train
+
+    tmp = tmp_path_factory.mktemp("eval")
+    cfg = tiny_config(make_tiny_dataset(tmp / "data"), TINY_CLIP_CONFIG, iters=2)
+    return cfg, train(cfg, tmp / "run")
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_evaluate_writes_metrics_csv_and_examples(trained, tmp_path):
+    from cascade_clip.evaluate import evaluate
+
+    cfg, ckpt = trained
+    metrics = evaluate(cfg, tmp_path, checkpoint=ckpt)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("miou_seen", "miou_unseen", "hiou", "per_class_iou", "setting", "split", "checkpoint"):
+        assert key in saved
+    assert saved["num_images"] == 3 and saved["images_per_s"] > 0
+    assert saved["setting"] == "inductive" and saved["split"] == "val"
+    assert saved["seen_calibration"] == cfg.model.seen_calibration
+    assert list(saved["per_class_iou"]) == TINY_CLASSES
+    rows = read_csv(tmp_path / "per_class.csv")
+    assert [r["class"] for r in rows] == TINY_CLASSES
+    assert {r["class"] for r in rows if r["split"] == "unseen"} == set(TINY_UNSEEN)
+    # every labelled pixel of the val split is counted once (32x32 minus 4 ignore pixels each)
+    assert sum(int(r["gt_pixels"]) for r in rows) == 3 * (32 * 32 - 4)
+    assert len(list((tmp_path / "examples").glob("*.png"))) == cfg.evaluate.num_visualize
+    assert metrics["miou_seen"] == pytest.approx(saved["miou_seen"])
+
+
+def test_calibration_only_in_inductive_setting(trained, tmp_path):
+    from cascade_clip.evaluate import evaluate
+
+    cfg, ckpt = trained
+    cfg.model.seen_calibration = 1.0  # sigmoid scores are in [0, 1]: no seen class can win
+    evaluate(cfg, tmp_path / "ind", checkpoint=ckpt)
+    rows = read_csv(tmp_path / "ind" / "per_class.csv")
+    assert all(int(r["pred_pixels"]) == 0 for r in rows if r["split"] == "seen")
+    cfg.train.setting = "transductive"
+    metrics = evaluate(cfg, tmp_path / "st", checkpoint=ckpt)
+    assert metrics["seen_calibration"] == 0.0
+    cfg.train.setting, cfg.model.seen_calibration = "inductive", 0.1
+
+
+def test_dense_baseline_needs_no_checkpoint(trained, tmp_path):
+    from cascade_clip.cli import main
+
+    cfg, _ = trained
+    config = write_config(cfg, tmp_path / "c.yaml")
+    assert (
+        main(["evaluate", "--config", str(config), "--baseline", "dense", "--out", str(tmp_path / "o")]) == 0
+    )
+    saved = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert saved["baseline"] == "dense" and saved["checkpoint"] is None and saved["num_images"] == 3
+
+
+def test_cross_dataset_treats_every_class_as_seen(trained, tmp_path):
+    from cascade_clip.cli import main
+
+    cfg, ckpt = trained
+    other = make_tiny_dataset(tmp_path / "other", n_train=1, n_val=2, seed=5)
+    config = write_config(cfg, tmp_path / "c.yaml")
+    args = ["evaluate", "--config", str(config), "--checkpoint", str(ckpt), "--out", str(tmp_path / "o")]
+    assert main(args + ["--dataset-root", str(other)]) == 0
+    saved = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert saved["setting"] == "cross-dataset" and saved["num_images"] == 2
+    assert saved["miou_unseen"] is None and saved["miou_seen"] is not None
+
+
+def test_checkpoint_from_other_model_config_is_refused(trained, tmp_path, capsys):
+    from cascade_clip.cli import main
+
+    cfg, ckpt = trained
+    config = write_config(cfg, tmp_path / "c.yaml")
+    base = ["evaluate", "--config", str(config), "--out", str(tmp_path / "o")]
+    assert main(base + ["--checkpoint", str(ckpt), "--set", "model.fusion=sum"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "model_final.pt: checkpoint is from a different model config: model.fusion: checkpoint 'nga'" in err
+    )
+    assert main(base) == 2
+    assert "a checkpoint is needed" in capsys.readouterr().err
