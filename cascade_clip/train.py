@@ -208,6 +208,7 @@ class TrainStep(nn.Module):
         images: torch.Tensor | None = None,
         taps: torch.Tensor | None = None,
         global_token: torch.Tensor | None = None,
+        grid: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         if images is not None:
             if self.model.cfg.encoder_mode == "frozen":
@@ -216,7 +217,7 @@ class TrainStep(nn.Module):
             else:
                 feats = self.model.encode(images)
         else:
-            feats = TapFeatures(taps=taps, global_token=global_token, grid=square_grid(taps.shape[2]))
+            feats = TapFeatures(taps=taps, global_token=global_token, grid=grid or square_grid(taps.shape[2]))
         return self.model.forward_features(feats, text)
 
 
@@ -311,9 +312,11 @@ def model_inputs(batch: dict[str, Any], device: torch.device, tap_rows: list[int
         taps = batch["taps"].to(device, non_blocking=True)  # (B, L, N, C) fp16
         if tap_rows is not None:
             taps = taps[:, tap_rows]
+        grid = tuple(int(v) for v in batch["grid"][0]) if "grid" in batch else None
         return {
             "taps": taps.transpose(0, 1).float(),  # (L, B, N, C)
             "global_token": batch["global_token"].to(device, non_blocking=True).float(),
+            "grid": grid,
         }
     return {"images": batch["image"].to(device, non_blocking=True)}
 

@@ -267,3 +267,30 @@ def test_train_cli(tmp_path, tiny_root, tiny_clip_config, capsys):
     }
     assert main(["train", "--config", str(config), "--out", str(out), "--init", str(tmp_path / "no.pt")]) == 2
     assert "no.pt: checkpoint not found" in capsys.readouterr().err
+
+
+def test_train_from_feature_cache(tmp_path, tiny_root, tiny_clip_config):
+    """The frozen-cache path: its first step's loss equals the online frozen path's (same
+    views, fp16 features), and a model tapping a subset of the cached blocks reads it too."""
+    from cascade_clip.cache import join_shards, write_shard
+    from cascade_clip.model import CascadeCLIP, load_clip
+    from cascade_clip.train import train
+
+    cfg = tiny_config(tiny_root, tiny_clip_config, iters=1)
+    torch.manual_seed(cfg.seed)  # the random tiny CLIP that train() builds with this seed
+    model = CascadeCLIP(load_clip(cfg.clip)[0], cfg.model).eval()
+    shard = write_shard(
+        cfg, "train", (0, 1), tmp_path / "s.h5", model=model, progress=False, log=lambda m: None
+    )
+    cache = join_shards([shard], tmp_path / "train.h5")
+    train(cfg, tmp_path / "online")
+    train(cfg, tmp_path / "cached", cache=cache)
+
+    def first_loss(run: str) -> float:
+        return json.loads((tmp_path / run / "log.jsonl").read_text().splitlines()[0])["loss"]
+
+    assert first_loss("cached") == pytest.approx(first_loss("online"), rel=1e-3)
+    single = tiny_config(tiny_root, tiny_clip_config, iters=1)
+    single.model.stages = [[4]]  # the single-decoder baseline on the last block
+    train(single, tmp_path / "single", cache=cache)
+    assert (tmp_path / "single" / "model_final.pt").is_file()
