@@ -934,7 +934,7 @@ class FeatureCacheDataset(Dataset):
         self.data = SegmentationDataset(cfg.dataset.root, split, unseen=unseen_names(cfg), mode=mode)
         check_provenance(self.layout.attrs, provenance(cfg, split, self.data.ids), self.path)
         cached = self.layout.blocks
-        self.block_order = [cached.index(b) for b in tapped_blocks(cfg)]
+        self.block_order = [cached.index(b) for b in tapped_blocks(cfg)]  # checked: all present
         self._all_blocks = self.block_order == list(range(len(cached)))
         rows = np.arange(self.layout.num_rows)
         if mode == "inductive" and cfg.dataset.drop_unseen_images and self.data.unseen_ids:
@@ -947,6 +947,16 @@ class FeatureCacheDataset(Dataset):
     @property
     def grid(self) -> tuple[int, int]:
         return self.layout.grid
+
+    @property
+    def blocks(self) -> list[int]:
+        """The blocks along an item's taps axis: the config's tapped blocks, in its order
+        (a subset or reordering of `cached_blocks`)."""
+        return [self.layout.blocks[i] for i in self.block_order]
+
+    @property
+    def cached_blocks(self) -> list[int]:
+        return self.layout.blocks
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -229,6 +229,7 @@ def test_block_subset_reads_and_foreign_cache_is_refused(world, joined):
     sub = FeatureCacheDataset(joined["index"], _cfg(world, **{"model.stages": [[4], [3]]}))
     full = FeatureCacheDataset(joined["index"], world["cfg"])
     assert torch.equal(sub[0]["taps"], full[0]["taps"][[2, 1]])
+    assert sub.blocks == [4, 3] and sub.cached_blocks == full.blocks == [2, 3, 4]
     cases = {
         "tapped_blocks": {"model.stages": [[1, 2], [4]]},
         "tap_seed": {"model.tap_seed": 7},
