@@ -10,7 +10,12 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-from test_train import make_tiny_dataset, tiny_config, trainable
+from test_train import (
+    make_tiny_dataset,
+    one_thread,  # noqa: F401  (autouse: one intra-op thread)
+    tiny_config,
+    trainable,
+)
 
 
 def free_port() -> int:

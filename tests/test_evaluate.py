@@ -7,7 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
-from test_train import TINY_CLASSES, TINY_UNSEEN, make_tiny_dataset, tiny_config, write_config
+from test_train import (
+    TINY_CLASSES,
+    TINY_UNSEEN,
+    make_tiny_dataset,
+    one_thread,  # noqa: F401  (autouse: one intra-op thread)
+    tiny_config,
+    write_config,
+)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,12 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from test_train import make_tiny_dataset, tiny_config, write_config
+from test_train import (
+    make_tiny_dataset,
+    one_thread,  # noqa: F401  (autouse: one intra-op thread)
+    tiny_config,
+    write_config,
+)
 
 
 def test_predict_cli_writes_labels_and_overlays_and_reports_bad_images(tmp_path, tiny_clip_config, capsys):
