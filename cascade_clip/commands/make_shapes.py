@@ -3,15 +3,43 @@
 from __future__ import annotations
 
 import argparse
-import sys
+from typing import Any
+
+from cascade_clip.config import add_config_arguments
 
 HELP = "Generate the embedded 'shapes' world (images, labels, captions) from a seed."
 
+SHAPES_KEYS = ("seed", "num_train", "num_val", "image_size", "max_things")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="experiment YAML file")
+    add_config_arguments(parser)
+    parser.add_argument("--out", help="dataset folder to write (default: the config's dataset.root)")
+
+
+def shapes_settings(cfg: Any) -> dict[str, Any]:
+    """The generator's keyword arguments from the config's `shapes:` section.
+
+    `seed` defaults to the experiment seed; the unseen names recorded in dataset.json are
+    `dataset.unseen` when the config sets it, else the world's default split.
+    """
+    section = dict(cfg.extra.get("shapes") or {})
+    unknown = sorted(set(section) - set(SHAPES_KEYS))
+    if unknown:
+        raise ValueError(f"shapes: unknown key(s) {unknown}; allowed: {list(SHAPES_KEYS)}")
+    section.setdefault("seed", cfg.seed)
+    if cfg.dataset.unseen is not None:
+        section["unseen"] = list(cfg.dataset.unseen)
+    return section
 
 
 def run(args: argparse.Namespace) -> int:
-    print("cascade-clip make-shapes: not yet implemented", file=sys.stderr)
-    return 1
+    from cascade_clip.config import config_from_args
+    from cascade_clip.data.shapes import generate_shapes
+
+    cfg = config_from_args(args)
+    settings = shapes_settings(cfg)
+    out = args.out or cfg.dataset.root
+    root = generate_shapes(out, **settings)
+    print(f"shapes world written to {root} ({settings})")
+    return 0

@@ -1,0 +1,328 @@
+"""The embedded "shapes" world (DESIGN section 3): a procedurally generated segmentation
+dataset, deterministic from a seed, written in the common on-disk format.
+
+Every image has a textured "stuff" background (one or two regions, split by a wavy line)
+and one to three flat-coloured "thing" shapes that do not overlap. Class names share words
+on purpose, so a language model can compose names it never saw paired with a mask:
+
+- things:  colour x shape,    e.g. "red circle", "blue triangle";
+- stuff:   colour x pattern,  e.g. "green stripes", "purple dots".
+
+The default unseen split holds out some things and some stuff such that every colour,
+shape and pattern word still occurs in seen classes. Each image also gets an image-level
+caption naming every class present (unseen ones included), for pre-training the world's
+small CLIP on images and captions alone.
+
+Layout written by `generate_shapes` (shared contract with the loader)::
+
+    <root>/dataset.json            {"name", "classes", "unseen", "image_suffix", "label_suffix"}
+    <root>/images/<split>/<id>.png RGB
+    <root>/labels/<split>/<id>.png mode "L", train ids 0..K-1 (255 = ignore, unused here)
+    <root>/splits/<split>.txt      one id per line
+    <root>/captions/<split>.jsonl  {"id", "caption", "classes"}
+    <root>/generator.json          the generator's arguments (for the record)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# --- the class vocabulary -------------------------------------------------------------
+
+THING_COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (214, 40, 40),
+    "blue": (40, 84, 222),
+    "yellow": (238, 198, 34),
+}
+THING_SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+STUFF_COLOURS: dict[str, tuple[int, int, int]] = {
+    "green": (52, 150, 70),
+    "purple": (132, 64, 164),
+    "brown": (138, 92, 50),
+}
+STUFF_PATTERNS: tuple[str, ...] = ("stripes", "dots", "checks")
+
+THINGS: tuple[str, ...] = tuple(f"{c} {s}" for c in THING_COLOURS for s in THING_SHAPES)
+STUFF: tuple[str, ...] = tuple(f"{c} {p}" for c in STUFF_COLOURS for p in STUFF_PATTERNS)
+CLASSES: tuple[str, ...] = THINGS + STUFF
+"""All class names in train-id order: 9 things, then 9 stuff."""
+
+UNSEEN: tuple[str, ...] = ("red triangle", "blue square", "green dots", "purple checks")
+"""Default held-out classes: two things and two stuff; every word stays in seen classes."""
+
+SHAPES_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "there is a {} in the scene.",
+    "a picture of a {}.",
+    "a {}.",
+)
+"""Prompt templates for class text embeddings (template set "shapes")."""
+
+SPLITS: tuple[str, ...] = ("train", "val")
+
+
+def class_names() -> list[str]:
+    """The class names in train-id order."""
+    return list(CLASSES)
+
+
+def default_unseen() -> list[str]:
+    """The default unseen class names."""
+    return list(UNSEEN)
+
+
+def is_thing(name: str) -> bool:
+    return name in THINGS
+
+
+# --- rendering --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One generated image: image (H, W, 3) uint8, label (H, W) uint8, caption, classes."""
+
+    image: np.ndarray
+    label: np.ndarray
+    caption: str
+    classes: list[str]
+
+
+def _jitter(rgb: tuple[int, int, int], rng: np.random.Generator, amount: int) -> np.ndarray:
+    return np.clip(np.asarray(rgb, np.float32) + rng.uniform(-amount, amount, 3), 0, 255)
+
+
+def _pattern_mask(pattern: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """(size, size) bool: where the pattern's second tone goes. Scale tied to size/128."""
+    s = size / 128.0
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    angle = rng.uniform(0, math.pi)
+    u = xx * math.cos(angle) + yy * math.sin(angle)
+    v = -xx * math.sin(angle) + yy * math.cos(angle)
+    if pattern == "stripes":
+        period = rng.uniform(7.0, 10.0) * s
+        return ((u + rng.uniform(0, period)) % period) < period * 0.5
+    if pattern == "dots":
+        spacing = rng.uniform(7.0, 9.0) * s
+        radius = rng.uniform(0.28, 0.34) * spacing
+        du = (u + rng.uniform(0, spacing)) % spacing - spacing / 2
+        dv = (v + rng.uniform(0, spacing)) % spacing - spacing / 2
+        return du * du + dv * dv < radius * radius
+    if pattern == "checks":
+        cell = rng.uniform(5.0, 7.0) * s
+        iu = np.floor((u + rng.uniform(0, cell)) / cell)
+        iv = np.floor((v + rng.uniform(0, cell)) / cell)
+        return ((iu + iv) % 2) == 1
+    raise ValueError(f"unknown pattern {pattern!r}")
+
+
+def _stuff_texture(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """(size, size, 3) float32 texture of a stuff class: base colour + a lighter pattern."""
+    colour, pattern = name.split(" ")
+    base = _jitter(STUFF_COLOURS[colour], rng, 14)
+    light = base + (255.0 - base) * rng.uniform(0.35, 0.5)
+    mask = _pattern_mask(pattern, size, rng)
+    return np.where(mask[..., None], light, base).astype(np.float32)
+
+
+def _stuff_layout(size: int, rng: np.random.Generator) -> np.ndarray:
+    """(size, size) bool: the second stuff region, bounded by a wavy line; each side >= 20%."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    for _ in range(100):
+        angle = rng.uniform(0, 2 * math.pi)
+        offset = rng.uniform(-0.3, 0.3) * size
+        amp = rng.uniform(0, 0.06) * size
+        freq = rng.uniform(1.0, 3.0) * 2 * math.pi / size
+        phase = rng.uniform(0, 2 * math.pi)
+        c = size / 2
+        u = (xx - c) * math.cos(angle) + (yy - c) * math.sin(angle)
+        v = -(xx - c) * math.sin(angle) + (yy - c) * math.cos(angle)
+        region = u + amp * np.sin(freq * v + phase) > offset
+        if 0.2 <= region.mean() <= 0.8:
+            return region
+    return xx >= size / 2  # pragma: no cover - practically unreachable
+
+
+def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    if shape == "square":
+        n, rad = 4, r * 1.25  # area close to the circle's
+    elif shape == "triangle":
+        n, rad = 3, r * 1.55
+    else:
+        raise ValueError(shape)
+    return [
+        (cx + rad * math.cos(angle + 2 * math.pi * k / n), cy + rad * math.sin(angle + 2 * math.pi * k / n))
+        for k in range(n)
+    ]
+
+
+def _draw_thing(
+    draw_img: ImageDraw.ImageDraw,
+    draw_lbl: ImageDraw.ImageDraw,
+    name: str,
+    train_id: int,
+    cx: float,
+    cy: float,
+    r: float,
+    rng: np.random.Generator,
+) -> None:
+    colour, shape = name.split(" ")
+    rgb = tuple(int(v) for v in _jitter(THING_COLOURS[colour], rng, 16))
+    angle = rng.uniform(0, 2 * math.pi)
+    if shape == "circle":
+        box = [cx - r, cy - r, cx + r, cy + r]
+        draw_img.ellipse(box, fill=rgb)
+        draw_lbl.ellipse(box, fill=train_id)
+    else:
+        poly = _shape_polygon(shape, cx, cy, r, angle)
+        draw_img.polygon(poly, fill=rgb)
+        draw_lbl.polygon(poly, fill=train_id)
+
+
+def _join(phrases: Sequence[str]) -> str:
+    if len(phrases) == 1:
+        return phrases[0]
+    return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def make_caption(things: Sequence[str], stuff: Sequence[str]) -> str:
+    """ "a photo of a red circle and a blue square on green stripes and purple dots."."""
+    parts = []
+    if things:
+        parts.append(_join([f"a {t}" for t in things]))
+    if stuff:
+        parts.append(("on " if things else "") + _join(list(stuff)))
+    return "a photo of " + " ".join(parts) + "."
+
+
+def render_sample(rng: np.random.Generator, image_size: int = 128, max_things: int = 3) -> Sample:
+    """Draw one image, its label map and its caption from `rng`."""
+    size = image_size
+    ids = {name: i for i, name in enumerate(CLASSES)}
+    # Stuff: one region (30%) or two.
+    n_stuff = 1 if rng.random() < 0.3 else 2
+    stuff = [STUFF[i] for i in rng.choice(len(STUFF), size=n_stuff, replace=False)]
+    image = _stuff_texture(stuff[0], size, rng)
+    label = np.full((size, size), ids[stuff[0]], np.uint8)
+    if n_stuff == 2:
+        region = _stuff_layout(size, rng)
+        image = np.where(region[..., None], _stuff_texture(stuff[1], size, rng), image)
+        label[region] = ids[stuff[1]]
+    # Things: 1..max_things shapes, placed without overlap (rejection sampling).
+    n_things = int(rng.integers(1, max_things + 1))
+    placed: list[tuple[float, float, float]] = []
+    img = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), "RGB")
+    lbl = Image.fromarray(label, "L")
+    draw_img, draw_lbl = ImageDraw.Draw(img), ImageDraw.Draw(lbl)
+    for _ in range(n_things):
+        name = THINGS[int(rng.integers(len(THINGS)))]
+        for _attempt in range(50):
+            r = rng.uniform(0.09, 0.17) * size
+            cx, cy = rng.uniform(r, size - r, 2)
+            if all(math.hypot(cx - x, cy - y) > 1.6 * (r + rr) for x, y, rr in placed):
+                placed.append((cx, cy, r))
+                _draw_thing(draw_img, draw_lbl, name, ids[name], cx, cy, r, rng)
+                break
+    image = np.asarray(img, np.float32) + rng.normal(0.0, 5.0, (size, size, 3))
+    image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    label = np.asarray(lbl, np.uint8).copy()
+    present = [CLASSES[i] for i in np.unique(label) if i != 255]
+    things_present = [c for c in present if c in THINGS]
+    stuff_present = [c for c in present if c in STUFF]
+    rng.shuffle(things_present)
+    rng.shuffle(stuff_present)
+    caption = make_caption(things_present, stuff_present)
+    return Sample(image=image, label=label, caption=caption, classes=sorted(present, key=ids.get))
+
+
+def _write_png(array: np.ndarray, path: Path, mode: str) -> None:
+    Image.fromarray(array, mode).save(path, format="PNG", optimize=False, compress_level=6)
+
+
+def generate_shapes(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    num_train: int = 2000,
+    num_val: int = 400,
+    image_size: int = 128,
+    max_things: int = 3,
+    unseen: Sequence[str] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write the shapes world under `out_dir` and return it.
+
+    Deterministic: the same arguments give byte-identical files. Image i of split s is
+    drawn from `np.random.default_rng([seed, s, i])`, so splits and images are independent
+    streams. `unseen` (default `UNSEEN`) is recorded in dataset.json; it does not change
+    the images.
+    """
+    if image_size < 32:
+        raise ValueError(f"image_size must be >= 32, got {image_size}")
+    if max_things < 1:
+        raise ValueError(f"max_things must be >= 1, got {max_things}")
+    unseen = list(UNSEEN if unseen is None else unseen)
+    unknown = [u for u in unseen if u not in CLASSES]
+    if unknown:
+        raise ValueError(f"unknown unseen class name(s) {unknown}; known: {list(CLASSES)}")
+    root = Path(out_dir)
+    counts = {"train": num_train, "val": num_val}
+    for split in SPLITS:
+        for sub in ("images", "labels"):
+            (root / sub / split).mkdir(parents=True, exist_ok=True)
+    (root / "splits").mkdir(parents=True, exist_ok=True)
+    (root / "captions").mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm
+
+    for split_index, split in enumerate(SPLITS):
+        ids: list[str] = []
+        lines: list[str] = []
+        for i in tqdm(range(counts[split]), desc=f"shapes {split}", disable=not progress):
+            sample = render_sample(
+                np.random.default_rng([seed, split_index, i]), image_size=image_size, max_things=max_things
+            )
+            sid = f"{split}_{i:06d}"
+            _write_png(sample.image, root / "images" / split / f"{sid}.png", "RGB")
+            _write_png(sample.label, root / "labels" / split / f"{sid}.png", "L")
+            ids.append(sid)
+            lines.append(json.dumps({"id": sid, "caption": sample.caption, "classes": sample.classes}))
+        (root / "splits" / f"{split}.txt").write_text("".join(f"{s}\n" for s in ids))
+        (root / "captions" / f"{split}.jsonl").write_text("".join(f"{line}\n" for line in lines))
+    generator = {
+        "seed": seed,
+        "num_train": num_train,
+        "num_val": num_val,
+        "image_size": image_size,
+        "max_things": max_things,
+    }
+    (root / "generator.json").write_text(json.dumps(generator, indent=2) + "\n")
+    meta = {
+        "name": "shapes",
+        "classes": list(CLASSES),
+        "unseen": unseen,
+        "image_suffix": ".png",
+        "label_suffix": ".png",
+    }
+    # dataset.json last: its presence marks a complete world (the workflow's output).
+    (root / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return root
+
+
+def read_captions(root: str | Path, split: str) -> list[dict]:
+    """The caption records of one split, in split-file order: [{"id", "caption", "classes"}]."""
+    path = Path(root) / "captions" / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: caption file not found")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for n, rec in enumerate(records):
+        if not {"id", "caption", "classes"} <= set(rec):
+            raise ValueError(f"{path}:{n + 1}: caption record lacks id, caption or classes")
+    return records
