@@ -598,30 +598,34 @@ def _fill_shard(
     progress: bool,
     log: Callable[[str], None],
 ) -> None:
+    """Encode and write rows after the `done` prefix of `partial`, batch by batch."""
     from tqdm import tqdm
 
-    with _open_h5(partial, "r+") as f:
+    with _open_h5(partial) as f:
         start = _done_prefix(f)
-        if start:
-            log(f"{partial}: resuming after {start}/{plan.num_rows} rows")
-        rows = range(start, plan.num_rows)
-        loader = DataLoader(
-            _ShardViews(cfg, split, plan, rows),
-            batch_size=cfg.cache.batch_size,
-            num_workers=workers,
-            collate_fn=_collate_rows,
-        )
-        bar = tqdm(total=plan.num_rows, initial=start, unit="view", disable=not progress, desc=partial.name)
-        done = start
-        for batch in loader:
+    if start:
+        log(f"{partial}: resuming after {start}/{plan.num_rows} rows")
+    loader = DataLoader(
+        _ShardViews(cfg, split, plan, range(start, plan.num_rows)),
+        batch_size=cfg.cache.batch_size,
+        num_workers=workers,
+        collate_fn=_collate_rows,
+    )
+    batches = iter(loader)  # workers fork here, before the file is opened for writing
+    bar = tqdm(total=plan.num_rows, initial=start, unit="view", disable=not progress, desc=partial.name)
+    done = start
+    with _open_h5(partial, "r+") as f:
+        for batch in batches:
             with torch.inference_mode():
                 feats = model.encode(batch["image"].to(device))
             taps = feats.taps.transpose(0, 1).to(torch.float16).cpu().numpy()  # (B, L, N, C)
             glob = feats.global_token.to(torch.float16).cpu().numpy()
             first, stop = batch["row"][0], batch["row"][-1] + 1
-            if first != done or not (np.isfinite(taps).all() and np.isfinite(glob).all()):
-                bad = first if first != done else done
-                raise CacheError(f"{partial}: non-finite or out-of-order features at row {bad}")
+            if first != done:
+                raise CacheError(f"{partial}: rows out of order (got {first}, expected {done})")
+            if not (np.isfinite(taps).all() and np.isfinite(glob).all()):
+                rows = f"{first}..{stop - 1}"
+                raise CacheError(f"{partial}: the encoder gave non-finite features in rows {rows}")
             try:
                 _write_rows(f, first, {"taps": taps, "global_token": glob, "view": batch["view"],
                                        "present": batch["present"]})
@@ -630,7 +634,7 @@ def _fill_shard(
                 raise _write_error(partial, done, plan.num_rows, err) from None
             done = stop
             bar.update(stop - first)
-        bar.close()
+    bar.close()
 
 
 def _finish(partial: Path, out: Path, plan: ShardPlan) -> None:
