@@ -13,6 +13,7 @@ permutations, dealt round-robin to the ranks.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -138,6 +139,18 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def wrap_ddp(module: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
+    """DistributedDataParallel around `module` (gradients averaged over ranks), without
+    re-broadcasting buffers every forward: ours are fixed, seeded tap projections that
+    every rank builds identically (DDP still syncs them once at construction)."""
+    kwargs: dict[str, Any] = {"device_ids": [env.device.index] if env.device.type == "cuda" else None}
+    if "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters:
+        kwargs["forward_sync_buffers"] = False  # newer torch: broadcast_buffers is deprecated
+    else:
+        kwargs["broadcast_buffers"] = False
+    return torch.nn.parallel.DistributedDataParallel(module, **kwargs)
 
 
 class ShardedInfiniteSampler(torch.utils.data.Sampler):

@@ -55,6 +55,7 @@ from cascade_clip.distributed import (
     all_gather_object,
     all_reduce_mean,
     init_distributed,
+    wrap_ddp,
 )
 from cascade_clip.kernels import sigmoid_focal_dice_loss
 from cascade_clip.model import CascadeCLIP, TapFeatures, class_embeddings, get_templates, load_clip
@@ -422,11 +423,7 @@ def train(
     model.train()
     step_module: nn.Module = TrainStep(model)
     if env.distributed:
-        step_module = nn.parallel.DistributedDataParallel(
-            step_module,
-            device_ids=[env.device.index] if env.device.type == "cuda" else None,
-            broadcast_buffers=False,  # the only buffers are fixed, seeded tap projections
-        )
+        step_module = wrap_ddp(step_module, env)
 
     # 4. data
     if dataset is None:
