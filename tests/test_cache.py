@@ -284,6 +284,13 @@ def test_missing_shard_is_a_clear_error(world, joined, tmp_path):
         copies.append(tmp_path / s.name)
         copies[-1].write_bytes(s.read_bytes())
     index = join_shards(copies, tmp_path / "j.h5")
+    with h5py.File(copies[0], "r+") as f:  # as if shard 0 were rewritten after the join
+        uid = f.attrs["shard_uid"]
+        f.attrs["shard_uid"] = "0" * 32
+    with pytest.raises(CacheError, match="shard-0-of-2.h5 was rewritten after the join"):
+        open_layout(index)
+    with h5py.File(copies[0], "r+") as f:
+        f.attrs["shard_uid"] = uid
     copies[1].unlink()
     with pytest.raises(CacheError, match=r"shard 1/2 .*shard-1-of-2.h5 is missing"):
         FeatureCacheDataset(index, world["cfg"])
