@@ -437,7 +437,8 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
     # 6. resume
-    step, elapsed_before = 0, 0.0
+    global_batch = cfg.train.batch_size * env.world_size
+    step, consumed, elapsed_before = 0, 0, 0.0  # consumed: items of the global sample stream
     if resume and ckpt_last.is_file():
         state = load_checkpoint(ckpt_last)
         check_model_config(state, cfg, ckpt_last)
@@ -446,6 +447,7 @@ def train(
         model.load_trainable_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed_before = int(state["step"]), float(state.get("elapsed", 0.0))
+        consumed = int(state["sampler"]["consumed"])  # holds even if the world size changed
         rngs = state["rng"]
         set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
         if env.is_main:
@@ -453,8 +455,7 @@ def train(
             log_line(log_path, {"step": step, "event": "resume", "world_size": env.world_size})
     elif env.is_main:
         log_path.unlink(missing_ok=True)
-    global_batch = cfg.train.batch_size * env.world_size
-    batches = iter(make_loader(dataset, cfg, env, consumed=step * global_batch))
+    batches = iter(make_loader(dataset, cfg, env, consumed=consumed))
 
     def save(path: Path, full: bool, elapsed: float) -> None:
         rngs = all_gather_object(rng_state()) if full else None  # every rank takes part
@@ -464,7 +465,7 @@ def train(
         if full:
             state["optimizer"] = optimizer.state_dict()
             state["scheduler"] = {"name": "warmup_poly", "step": step}
-            state["sampler"] = {"consumed": step * global_batch, "seed": cfg.seed}
+            state["sampler"] = {"consumed": consumed, "seed": cfg.seed}
             state["rng"] = rngs
         save_checkpoint(state, path)
 
@@ -506,6 +507,7 @@ def train(
         loss.backward()
         optimizer.step()
         step += 1
+        consumed += global_batch
         loss_sum += mean_loss
         steps_since_log += 1
         bar.update(1)

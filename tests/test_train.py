@@ -271,10 +271,15 @@ def test_train_cli(tmp_path, tiny_root, tiny_clip_config, capsys):
 
     config = write_config(tiny_config(tiny_root, tiny_clip_config), tmp_path / "c.yaml")
     out = tmp_path / "run"
-    assert main(["train", "--config", str(config), "--out", str(out), "--set", "train.iters=2"]) == 0
+    args = ["train", "--config", str(config), "--out", str(out), "--set", "train.iters=2", "--resume"]
+    assert main(args) == 0  # --resume without a checkpoint starts afresh (the workflow always passes it)
     assert {"model_final.pt", "ckpt_last.pt", "ckpt_half.pt", "log.jsonl", "config.yaml"} <= {
         p.name for p in out.iterdir()
     }
+    log = (out / "log.jsonl").read_text()
+    assert main(args) == 0  # a finished run resumed: nothing to do, nothing lost
+    assert (out / "log.jsonl").read_text().startswith(log)
+    assert torch.load(out / "model_final.pt", weights_only=True)["step"] == 2
     assert main(["train", "--config", str(config), "--out", str(out), "--init", str(tmp_path / "no.pt")]) == 2
     assert "no.pt: checkpoint not found" in capsys.readouterr().err
 
