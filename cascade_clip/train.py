@@ -456,9 +456,13 @@ def train(
     elif env.is_main:
         log_path.unlink(missing_ok=True)
     batches = iter(make_loader(dataset, cfg, env, consumed=consumed))
+    last_saved = step if resume and ckpt_last.is_file() else None  # step held by ckpt_last.pt
 
     def save(path: Path, full: bool, elapsed: float) -> None:
+        nonlocal last_saved
         rngs = all_gather_object(rng_state()) if full else None  # every rank takes part
+        if full:
+            last_saved = step
         if not env.is_main:
             return
         state = checkpoint_state(model, cfg, split, setting, step, elapsed)
@@ -498,7 +502,7 @@ def train(
         )
         mean_loss = all_reduce_mean(loss.detach())  # NaN on any rank makes it NaN on all
         if not torch.isfinite(mean_loss):
-            kept = f"last good checkpoint {ckpt_last}" if ckpt_last.is_file() else "no checkpoint yet"
+            kept = "no checkpoint yet" if last_saved is None else f"{ckpt_last} holds step {last_saved}"
             raise NonFiniteLossError(
                 f"{out_dir}: loss is {mean_loss.item()} at step {step + 1}; stopped ({kept})"
             )

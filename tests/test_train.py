@@ -249,7 +249,9 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, tiny_root, tiny_cl
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(train_mod, "sigmoid_focal_dice_loss", poisoned)
-    with pytest.raises(train_mod.NonFiniteLossError, match="at step 3"):
+    with pytest.raises(
+        train_mod.NonFiniteLossError, match=r"at step 3; stopped \(.*ckpt_last.pt holds step 2\)"
+    ):
         train_mod.train(cfg, tmp_path / "run")
     good = torch.load(tmp_path / "run" / "ckpt_last.pt", weights_only=True)
     assert good["step"] == 2
