@@ -12,6 +12,7 @@ from test_train import (
     TINY_UNSEEN,
     make_tiny_dataset,
     one_thread,  # noqa: F401  (autouse: one intra-op thread)
+    tiny_clip_dict,
     tiny_config,
     write_config,
 )
@@ -20,12 +21,10 @@ from test_train import (
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(config, checkpoint) of a 2-step inductive run on the tiny dataset."""
-    from conftest import TINY_CLIP_CONFIG
-
     from cascade_clip.train import train
 
     tmp = tmp_path_factory.mktemp("eval")
-    cfg = tiny_config(make_tiny_dataset(tmp / "data"), TINY_CLIP_CONFIG, iters=2)
+    cfg = tiny_config(make_tiny_dataset(tmp / "data"), tiny_clip_dict(), iters=2)
     return cfg, train(cfg, tmp / "run")
 
 
