@@ -169,8 +169,30 @@ def _build(cls: type, data: Any, where: str) -> Any:
         elif isinstance(value, list) and name in ("scale", "ratio_range"):
             kwargs[name] = tuple(value)
         else:
-            kwargs[name] = value
+            kwargs[name] = _coerce(fields[name].default, value, f"{where}.{name}")
     return cls(**kwargs)
+
+
+def _coerce(default: Any, value: Any, where: str) -> Any:
+    """Check a scalar against its default's type; YAML reads "1e-3" as a string, so
+    numeric strings become floats where a float is expected."""
+    if isinstance(default, bool) or default is None or default is dataclasses.MISSING:
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+    return value
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:

@@ -19,19 +19,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-# A tiny open_clip CLIP (4 blocks, 32x32 input, 8x8 patches -> 4x4 grid) for CPU tests.
-TINY_CLIP_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 48, "layers": 4, "head_width": 24},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+from cascade_clip.testing import tiny_clip_config as _tiny
 
 
 @pytest.fixture
 def tiny_clip_config() -> dict:
-    import copy
-
-    return copy.deepcopy(TINY_CLIP_CONFIG)
+    return _tiny()
 
 
 @pytest.fixture

@@ -88,7 +88,7 @@ def _cfg_dict(root: Path, weights: Path, model_config: dict, **over) -> dict:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny dataset, tiny CLIP weights on disk, a config file, and the model."""
-    from conftest import TINY_CLIP_CONFIG  # tests/conftest.py
+    from cascade_clip.testing import TINY_CLIP_CONFIG
 
     tmp = tmp_path_factory.mktemp("cache_world")
     root = tmp / "data"

@@ -92,16 +92,11 @@ def tiny_config(root: Path, clip_config: dict, **train: object) -> Config:
 
 
 def tiny_clip_dict() -> dict:
-    """conftest's TINY_CLIP_CONFIG for module-scoped fixtures (which cannot take the
-    function-scoped `tiny_clip_config`). Loaded by path: `from conftest import` may find
-    benchmarks/conftest.py when both folders are collected."""
-    import copy
-    import importlib.util
+    """The tiny CLIP config for module-scoped fixtures (which cannot take the function-scoped
+    `tiny_clip_config` fixture)."""
+    from cascade_clip.testing import tiny_clip_config
 
-    spec = importlib.util.spec_from_file_location("_tests_conftest", Path(__file__).with_name("conftest.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return copy.deepcopy(module.TINY_CLIP_CONFIG)
+    return tiny_clip_config()
 
 
 def write_config(cfg: Config, path: Path) -> Path:

@@ -98,6 +98,12 @@ def _load_weights(model: torch.nn.Module, path: str | Path) -> None:
     model.load_state_dict(state, strict=False)
 
 
+def _build_from_config(open_clip, model_cfg: dict[str, Any]) -> torch.nn.Module:
+    if "hf_model_name" in model_cfg.get("text_cfg", {}):
+        return open_clip.CustomTextCLIP(**model_cfg)
+    return open_clip.CLIP(**model_cfg)
+
+
 def load_clip(cfg: ClipConfig) -> tuple[torch.nn.Module, Any]:
     """Build the CLIP named by `cfg`, load its weights and fit it to `cfg.image_size`.
 
@@ -108,14 +114,17 @@ def load_clip(cfg: ClipConfig) -> tuple[torch.nn.Module, Any]:
 
     if cfg.model_config is not None:
         model_cfg = _read_model_config(cfg.model_config)
+        # Seeded, so a CLIP with no weights file (tests, smoke runs) is the same random
+        # network in every stage that builds it; the caller's RNG stream is left untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = _build_from_config(open_clip, model_cfg)
         if "hf_model_name" in model_cfg.get("text_cfg", {}):
-            model = open_clip.CustomTextCLIP(**model_cfg)
             tokenizer = open_clip.HFTokenizer(
                 model_cfg["text_cfg"].get("hf_tokenizer_name", model_cfg["text_cfg"]["hf_model_name"]),
                 context_length=model_cfg["text_cfg"].get("context_length", 77),
             )
         else:
-            model = open_clip.CLIP(**model_cfg)
             tokenizer = open_clip.SimpleTokenizer(
                 context_length=model_cfg.get("text_cfg", {}).get("context_length", 77)
             )
