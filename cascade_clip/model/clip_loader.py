@@ -120,7 +120,9 @@ def load_clip(cfg: ClipConfig) -> tuple[torch.nn.Module, Any]:
             torch.manual_seed(0)
             model = _build_from_config(open_clip, model_cfg)
         if "hf_model_name" in model_cfg.get("text_cfg", {}):
-            tokenizer = open_clip.HFTokenizer(
+            from open_clip.tokenizer import HFTokenizer
+
+            tokenizer = HFTokenizer(
                 model_cfg["text_cfg"].get("hf_tokenizer_name", model_cfg["text_cfg"]["hf_model_name"]),
                 context_length=model_cfg["text_cfg"].get("context_length", 77),
             )

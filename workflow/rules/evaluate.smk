@@ -20,7 +20,7 @@ rule evaluate:
         f"{LOGS}/evaluate/{{run}}.log",
     benchmark:
         f"{BENCH}/evaluate/{{run}}.tsv"
-    threads: workflow.cores
+    threads: WF["threads"]
     resources:
         gpu=WF["eval_gpus"],
         mem_mb=8000,
@@ -50,7 +50,7 @@ rule evaluate_frozen_clip:
         f"{LOGS}/evaluate/frozen_clip.log",
     benchmark:
         f"{BENCH}/evaluate/frozen_clip.tsv"
-    threads: workflow.cores
+    threads: WF["threads"]
     resources:
         gpu=min(1, WF["eval_gpus"]),
         mem_mb=8000,
@@ -80,7 +80,7 @@ rule evaluate_cross:
         f"{LOGS}/evaluate/cross_{{dataset}}.log",
     benchmark:
         f"{BENCH}/evaluate/cross_{{dataset}}.tsv"
-    threads: workflow.cores
+    threads: WF["threads"]
     resources:
         gpu=WF["eval_gpus"],
         mem_mb=8000,

@@ -42,7 +42,7 @@ for _name, _root in DATA_ROOTS.items():
             f"{LOGS}/prepare/{_name}.log",
         benchmark:
             f"{BENCH}/prepare/{_name}.tsv"
-        threads: workflow.cores
+        threads: WF["threads"]
         resources:
             mem_mb=8000,
             runtime=6 * 60,

@@ -15,7 +15,7 @@ if IS_SHAPES:
             f"{LOGS}/pretrain_clip.log",
         benchmark:
             f"{BENCH}/pretrain_clip.tsv"
-        threads: workflow.cores
+        threads: WF["threads"]
         resources:
             mem_mb=4000,
             runtime=30,

@@ -21,7 +21,7 @@ rule self_train:
         f"{LOGS}/train/{SELF_TRAIN_RUN}.log",
     benchmark:
         f"{BENCH}/train/{SELF_TRAIN_RUN}.tsv"
-    threads: workflow.cores
+    threads: WF["threads"]
     resources:
         gpu=WF["train_gpus"],
         mem_mb=WF["train_mem_mb"],

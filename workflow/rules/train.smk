@@ -22,7 +22,7 @@ rule train:
         f"{LOGS}/train/{{run}}.log",
     benchmark:
         f"{BENCH}/train/{{run}}.tsv"
-    threads: workflow.cores
+    threads: WF["threads"]
     resources:
         gpu=WF["train_gpus"],
         mem_mb=WF["train_mem_mb"],

@@ -1,0 +1,63 @@
+"""The shapes demo end to end through Snakemake, at its smallest size (slow: runs in CI)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny_demo_config() -> dict:
+    """config/config.yaml with the world, pre-training and schedules shrunk to seconds."""
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["shapes"] = dict(cfg.get("shapes") or {}, num_train=32, num_val=8)
+    cfg["pretrain"] = dict(cfg.get("pretrain") or {}, steps=10, max_seconds=20)
+    train = cfg.setdefault("train", {})
+    train.update(iters=8, warmup_iters=2, log_interval=2, checkpoint_interval=4, num_workers=0)
+    cfg["self_train"] = dict(cfg.get("self_train") or {}, iters=4)
+    cfg.setdefault("evaluate", {})["num_visualize"] = 2
+    return cfg
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(_tiny_demo_config()))
+    base = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path)]
+    res = subprocess.run([*base, "--cores", "2"], capture_output=True, text=True, timeout=1200)
+    logs = "\n".join(p.read_text()[-1500:] for p in sorted((tmp_path / "results").rglob("*.log")))
+    assert res.returncode == 0, res.stderr[-4000:] + logs
+
+    results = tmp_path / "results" / "shapes"
+    runs = ["frozen_clip", "cascade", "single_decoder", "cascade_st"]
+    for run in runs:
+        metrics = json.loads((results / "eval" / run / "metrics.json").read_text())
+        for key in ("miou_seen", "miou_unseen", "hiou"):
+            assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), (run, key)
+        assert metrics["num_images"] == 8
+    summary = (results / "report" / "summary.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in summary[1:]] == runs
+    assert (results / "report" / "curves.png").stat().st_size > 0
+    assert list((results / "report" / "examples").glob("*.png"))
+
+    # The split never let an unseen class into training: the inductive run's classes are
+    # the seen ones only.
+    split = json.loads((results / "split.json").read_text())
+    ckpt_cfg = yaml.safe_load((results / "runs" / "cascade" / "config.yaml").read_text())
+    assert ckpt_cfg["dataset"]["unseen"] in (None, split["unseen"])
+
+    # A second invocation has nothing to do: every output is up to date.
+    res = subprocess.run([*base, "--cores", "2", "-n"], capture_output=True, text=True, timeout=300)
+    assert "Nothing to be done" in res.stdout + res.stderr
+
+    report = results / "report.html"
+    res = subprocess.run([*base, "--report", str(report)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert report.stat().st_size > 10_000
