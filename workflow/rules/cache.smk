@@ -26,7 +26,7 @@ rule cache_shard:
     conda:
         "../../environment.yml"
     shell:
-        "cascade-clip gpu-run --gpus {resources.gpu} -- cascade-clip cache-features --config {params.config}"
+        "OMP_NUM_THREADS={threads} cascade-clip gpu-run --gpus {resources.gpu} -- cascade-clip cache-features --config {params.config}"
         " --split train --shard {wildcards.shard}/{params.shards} --out {output} > {log} 2>&1"
 
 

@@ -28,7 +28,7 @@ rule evaluate:
     conda:
         "../../environment.yml"
     shell:
-        "cascade-clip gpu-run --gpus {resources.gpu} --"
+        "OMP_NUM_THREADS={threads} cascade-clip gpu-run --gpus {resources.gpu} --"
         " torchrun --standalone --nproc-per-node {params.nproc} -m cascade_clip.cli evaluate"
         " --config {params.config} {params.overrides} --checkpoint {input.ckpt} --text {input.text}"
         " --out {params.out} > {log} 2>&1"
@@ -58,7 +58,7 @@ rule evaluate_frozen_clip:
     conda:
         "../../environment.yml"
     shell:
-        "cascade-clip gpu-run --gpus {resources.gpu} -- cascade-clip evaluate --config {params.config}"
+        "OMP_NUM_THREADS={threads} cascade-clip gpu-run --gpus {resources.gpu} -- cascade-clip evaluate --config {params.config}"
         " --baseline dense --text {input.text} --out {params.out} > {log} 2>&1"
 
 
@@ -88,7 +88,7 @@ rule evaluate_cross:
     conda:
         "../../environment.yml"
     shell:
-        "cascade-clip gpu-run --gpus {resources.gpu} --"
+        "OMP_NUM_THREADS={threads} cascade-clip gpu-run --gpus {resources.gpu} --"
         " torchrun --standalone --nproc-per-node {params.nproc} -m cascade_clip.cli evaluate"
         " --config {params.config} {params.overrides} --checkpoint {input.ckpt} --text {input.text}"
         " --set dataset.name={wildcards.dataset} --set dataset.root={params.root}"

@@ -49,5 +49,5 @@ for _name, _root in DATA_ROOTS.items():
         conda:
             "../../environment.yml"
         shell:
-            "cascade-clip prepare --dataset {params.dataset} --downloads {params.downloads}"
+            "OMP_NUM_THREADS={threads} cascade-clip prepare --dataset {params.dataset} --downloads {params.downloads}"
             " --out {params.root} > {log} 2>&1"

@@ -15,11 +15,11 @@ if IS_SHAPES:
             f"{LOGS}/pretrain_clip.log",
         benchmark:
             f"{BENCH}/pretrain_clip.tsv"
-        threads: WF["threads"]
+        threads: 1024  # all of --cores (Snakemake caps it): nothing else can run meanwhile
         resources:
             mem_mb=4000,
             runtime=30,
         conda:
             "../../environment.yml"
         shell:
-            "cascade-clip pretrain-clip --config {params.config} --out $(dirname {output.weights}) > {log} 2>&1"
+            "OMP_NUM_THREADS={threads} cascade-clip pretrain-clip --config {params.config} --out $(dirname {output.weights}) > {log} 2>&1"

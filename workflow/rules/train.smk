@@ -30,6 +30,6 @@ rule train:
     conda:
         "../../environment.yml"
     shell:
-        "{params.launch} -m cascade_clip.cli train"
+        "OMP_NUM_THREADS={threads} {params.launch} -m cascade_clip.cli train"
         " --config {params.config} {params.overrides} --text {input.text} {params.cache}"
         " --out {params.out} --resume > {log} 2>&1"
