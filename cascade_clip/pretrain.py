@@ -93,6 +93,8 @@ class PretrainConfig:
     threads: int = 0  # 0: torch's default
     augment: bool = True  # flips and 90-degree rotations (they keep every caption true)
     log_interval: int = 20
+    phrase_weight: float = 1.0
+    phrase_template: str = "a photo of a {}."
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -172,11 +174,14 @@ def build_model(model_cfg: dict[str, Any], patch_dropout: float = 0.0) -> tuple[
 @dataclass
 class CaptionedImages:
     """images: (N, 3, S, S) uint8; captions: N strings; groups: (N,) int64, equal for items
-    whose captions name the same class set."""
+    whose captions name the same class set; phrases: the P class names any caption names;
+    named: (N, P) bool, the phrases each caption names."""
 
     images: torch.Tensor
     captions: list[str]
     groups: torch.Tensor
+    phrases: list[str] = field(default_factory=list)
+    named: torch.Tensor | None = None
 
 
 def load_captioned_images(
@@ -205,7 +210,12 @@ def load_captioned_images(
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     keys: dict[tuple[str, ...], int] = {}
     groups = [keys.setdefault(tuple(sorted(rec["classes"])), len(keys)) for rec in records]
-    return CaptionedImages(images, [rec["caption"] for rec in records], torch.tensor(groups))
+    phrases = sorted({name for rec in records for name in rec["classes"]})
+    column = {name: j for j, name in enumerate(phrases)}
+    named = torch.zeros(len(records), len(phrases), dtype=torch.bool)
+    for i, rec in enumerate(records):
+        named[i, [column[name] for name in rec["classes"]]] = True
+    return CaptionedImages(images, [rec["caption"] for rec in records], torch.tensor(groups), phrases, named)
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
@@ -255,6 +265,22 @@ def contrastive_loss(
     return 0.5 * (loss_i + loss_t)
 
 
+def phrase_loss(
+    image_emb: torch.Tensor,
+    phrase_emb: torch.Tensor,
+    named: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+) -> torch.Tensor:
+    """Sigmoid matching of images to caption phrases.
+
+    image_emb (B, C), phrase_emb (P, C) L2-normalised; named (B, P) bool targets. The
+    binary cross-entropy summed over the P phrases, averaged over the batch.
+    """
+    logits = scale.exp() * image_emb @ phrase_emb.t() + bias
+    return F.binary_cross_entropy_with_logits(logits, named.float(), reduction="sum") / image_emb.shape[0]
+
+
 def _lr_factor(progress: float, warmup: float) -> float:
     if progress < warmup:
         return progress / max(warmup, 1e-8)
@@ -289,11 +315,18 @@ def pretrain(
         index = {c: i for i, c in enumerate(uniq)}
         pooled = frozen_text_features(model, tokenizer, uniq)  # (M, 384)
         caption_ids = torch.tensor([index[c] for c in data.captions])
+        phrase_pooled = frozen_text_features(
+            model, tokenizer, [cfg.phrase_template.format(p) for p in data.phrases]
+        )
     else:
         tokens = tokenizer(data.captions)
+        phrase_tokens = tokenizer([cfg.phrase_template.format(p) for p in data.phrases])
+    # SigLIP-style temperature and bias of the phrase term (training-only parameters).
+    phrase_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+    phrase_bias = torch.nn.Parameter(torch.tensor(-5.0))
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    no_decay = [p for p in params if p.dim() < 2] + [phrase_scale, phrase_bias]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
@@ -325,6 +358,14 @@ def pretrain(
         else:
             text_emb = F.normalize(model.encode_text(tokens[idx]), dim=-1)
         loss = contrastive_loss(image_emb, text_emb, data.groups[idx], model.logit_scale)
+        if cfg.phrase_weight > 0:
+            if frozen_text:
+                phrase_emb = F.normalize(model.text.proj(phrase_pooled), dim=-1)
+            else:
+                phrase_emb = F.normalize(model.encode_text(phrase_tokens), dim=-1)
+            loss = loss + cfg.phrase_weight * phrase_loss(
+                image_emb, phrase_emb, data.named[idx], phrase_scale, phrase_bias
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

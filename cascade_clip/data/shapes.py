@@ -2,14 +2,14 @@
 dataset, deterministic from a seed, written in the common on-disk format.
 
 Every image has a textured "stuff" background (one or two regions, split by a wavy line)
-and one to three flat-coloured "thing" shapes that do not overlap. Class names share words
+and one to three coloured "things" (balls, boxes, rings) that do not overlap. Class names share words
 on purpose, so a language model can compose names it never saw paired with a mask:
 
-- things:  colour x shape,    e.g. "red circle", "blue triangle";
+- things:  colour x kind,     e.g. "red ball", "blue box", "yellow ring";
 - stuff:   colour x pattern,  e.g. "green stripes", "purple dots".
 
 The default unseen split holds out some things and some stuff such that every colour,
-shape and pattern word still occurs in seen classes. Each image also gets an image-level
+kind and pattern word still occurs in seen classes. Each image also gets an image-level
 caption naming every class present (unseen ones included), for pre-training the world's
 small CLIP on images and captions alone.
 
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 # --- the class vocabulary -------------------------------------------------------------
 
@@ -41,7 +41,7 @@ THING_COLOURS: dict[str, tuple[int, int, int]] = {
     "blue": (40, 84, 222),
     "yellow": (238, 198, 34),
 }
-THING_SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+THING_KINDS: tuple[str, ...] = ("ball", "box", "ring")
 STUFF_COLOURS: dict[str, tuple[int, int, int]] = {
     "green": (52, 150, 70),
     "purple": (132, 64, 164),
@@ -49,12 +49,12 @@ STUFF_COLOURS: dict[str, tuple[int, int, int]] = {
 }
 STUFF_PATTERNS: tuple[str, ...] = ("stripes", "dots", "checks")
 
-THINGS: tuple[str, ...] = tuple(f"{c} {s}" for c in THING_COLOURS for s in THING_SHAPES)
+THINGS: tuple[str, ...] = tuple(f"{c} {s}" for c in THING_COLOURS for s in THING_KINDS)
 STUFF: tuple[str, ...] = tuple(f"{c} {p}" for c in STUFF_COLOURS for p in STUFF_PATTERNS)
 CLASSES: tuple[str, ...] = THINGS + STUFF
 """All class names in train-id order: 9 things, then 9 stuff."""
 
-UNSEEN: tuple[str, ...] = ("red triangle", "blue square", "green dots", "purple checks")
+UNSEEN: tuple[str, ...] = ("red ring", "blue box", "green dots", "purple checks")
 """Default held-out classes: two things and two stuff; every word stays in seen classes."""
 
 SHAPES_TEMPLATES: tuple[str, ...] = (
@@ -108,7 +108,7 @@ def _pattern_mask(pattern: str, size: int, rng: np.random.Generator) -> np.ndarr
     u = xx * math.cos(angle) + yy * math.sin(angle)
     v = -xx * math.sin(angle) + yy * math.cos(angle)
     if pattern == "stripes":
-        period = rng.uniform(7.0, 10.0) * s
+        period = rng.uniform(8.0, 11.0) * s
         return ((u + rng.uniform(0, period)) % period) < period * 0.5
     if pattern == "dots":
         spacing = rng.uniform(7.0, 9.0) * s
@@ -117,7 +117,7 @@ def _pattern_mask(pattern: str, size: int, rng: np.random.Generator) -> np.ndarr
         dv = (v + rng.uniform(0, spacing)) % spacing - spacing / 2
         return du * du + dv * dv < radius * radius
     if pattern == "checks":
-        cell = rng.uniform(5.0, 7.0) * s
+        cell = rng.uniform(4.5, 6.0) * s
         iu = np.floor((u + rng.uniform(0, cell)) / cell)
         iv = np.floor((v + rng.uniform(0, cell)) / cell)
         return ((iu + iv) % 2) == 1
@@ -151,40 +151,39 @@ def _stuff_layout(size: int, rng: np.random.Generator) -> np.ndarray:
     return xx >= size / 2  # pragma: no cover - practically unreachable
 
 
-def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
-    if shape == "square":
-        n, rad = 4, r * 1.25  # area close to the circle's
-    elif shape == "triangle":
-        n, rad = 3, r * 1.55
-    else:
-        raise ValueError(shape)
-    return [
-        (cx + rad * math.cos(angle + 2 * math.pi * k / n), cy + rad * math.sin(angle + 2 * math.pi * k / n))
-        for k in range(n)
-    ]
+def _thing_layer(
+    kind: str, colour: np.ndarray, cx: float, cy: float, r: float, size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """One thing: (mask (size, size) bool, rgb (size, size, 3) float32 valid under the mask).
 
-
-def _draw_thing(
-    draw_img: ImageDraw.ImageDraw,
-    draw_lbl: ImageDraw.ImageDraw,
-    name: str,
-    train_id: int,
-    cx: float,
-    cy: float,
-    r: float,
-    rng: np.random.Generator,
-) -> None:
-    colour, shape = name.split(" ")
-    rgb = tuple(int(v) for v in _jitter(THING_COLOURS[colour], rng, 16))
-    angle = rng.uniform(0, 2 * math.pi)
-    if shape == "circle":
-        box = [cx - r, cy - r, cx + r, cy + r]
-        draw_img.ellipse(box, fill=rgb)
-        draw_lbl.ellipse(box, fill=train_id)
+    Each kind has its own outline *and* its own surface, so a small image patch already
+    tells the kinds apart (as texture tells real object classes apart):
+    ball = disc shaded from a bright centre to a dark rim; box = rotated square with a
+    dark grid inside; ring = flat annulus.
+    """
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    dx, dy = xx - cx, yy - cy
+    d = np.sqrt(dx * dx + dy * dy)
+    if kind == "ball":
+        mask = d <= r
+        shade = 1.3 - 0.75 * (d / r) ** 1.5
+        rgb = np.clip(colour[None, None] * shade[..., None], 0, 255)
+    elif kind == "box":
+        angle = rng.uniform(0, math.pi / 2)
+        u = dx * math.cos(angle) + dy * math.sin(angle)
+        v = -dx * math.sin(angle) + dy * math.cos(angle)
+        half = r * 0.9
+        mask = (np.abs(u) <= half) & (np.abs(v) <= half)
+        period = max(3.0, rng.uniform(4.5, 5.5) * size / 128.0)
+        lines = ((u + half) % period < 1.5) | ((v + half) % period < 1.5)
+        rgb = np.where(lines[..., None], colour[None, None] * 0.45, colour[None, None])
+    elif kind == "ring":
+        width = r * rng.uniform(0.42, 0.5)
+        mask = (d <= r) & (d >= r - width)
+        rgb = np.broadcast_to(colour[None, None], (size, size, 3))
     else:
-        poly = _shape_polygon(shape, cx, cy, r, angle)
-        draw_img.polygon(poly, fill=rgb)
-        draw_lbl.polygon(poly, fill=train_id)
+        raise ValueError(f"unknown thing kind {kind!r}")
+    return mask, rgb.astype(np.float32)
 
 
 def _join(phrases: Sequence[str]) -> str:
@@ -194,7 +193,7 @@ def _join(phrases: Sequence[str]) -> str:
 
 
 def make_caption(things: Sequence[str], stuff: Sequence[str]) -> str:
-    """ "a photo of a red circle and a blue square on green stripes and purple dots."."""
+    """ "a photo of a red ball and a blue ring on green stripes and purple dots."."""
     parts = []
     if things:
         parts.append(_join([f"a {t}" for t in things]))
@@ -216,24 +215,23 @@ def render_sample(rng: np.random.Generator, image_size: int = 128, max_things: i
         region = _stuff_layout(size, rng)
         image = np.where(region[..., None], _stuff_texture(stuff[1], size, rng), image)
         label[region] = ids[stuff[1]]
-    # Things: 1..max_things shapes, placed without overlap (rejection sampling).
+    # Things: 1..max_things, placed without overlap (rejection sampling).
     n_things = int(rng.integers(1, max_things + 1))
     placed: list[tuple[float, float, float]] = []
-    img = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), "RGB")
-    lbl = Image.fromarray(label, "L")
-    draw_img, draw_lbl = ImageDraw.Draw(img), ImageDraw.Draw(lbl)
     for _ in range(n_things):
         name = THINGS[int(rng.integers(len(THINGS)))]
         for _attempt in range(50):
-            r = rng.uniform(0.09, 0.17) * size
+            r = rng.uniform(0.10, 0.18) * size
             cx, cy = rng.uniform(r, size - r, 2)
-            if all(math.hypot(cx - x, cy - y) > 1.6 * (r + rr) for x, y, rr in placed):
+            if all(math.hypot(cx - x, cy - y) > 1.5 * (r + rr) for x, y, rr in placed):
                 placed.append((cx, cy, r))
-                _draw_thing(draw_img, draw_lbl, name, ids[name], cx, cy, r, rng)
+                colour, kind = name.split(" ")
+                mask, rgb = _thing_layer(kind, _jitter(THING_COLOURS[colour], rng, 16), cx, cy, r, size, rng)
+                image = np.where(mask[..., None], rgb, image)
+                label[mask] = ids[name]
                 break
-    image = np.asarray(img, np.float32) + rng.normal(0.0, 5.0, (size, size, 3))
+    image = image + rng.normal(0.0, 5.0, (size, size, 3))
     image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    label = np.asarray(lbl, np.uint8).copy()
     present = [CLASSES[i] for i in np.unique(label) if i != 255]
     things_present = [c for c in present if c in THINGS]
     stuff_present = [c for c in present if c in STUFF]

@@ -1,0 +1,161 @@
+"""Zero-shot transfer in the embedded shapes world, end to end (issue 6/7).
+
+Runs the whole demo workflow (`snakemake --cores N` on config/config.yaml, or another
+config) in a scratch folder: generate the world, pre-train the small CLIP, cache frozen
+features, train the cascade and the single-decoder baseline inductively on seen classes,
+self-train, evaluate. Then prints, for the frozen dense-similarity baseline, the single
+decoder on the last block, the cascade with NGA and the cascade + self-training:
+mIoU seen / unseen / hIoU on the world's val split and each stage's wall time, plus the
+issue's targets (unseen >= 30 and >= 1.5x frozen, seen >= 60) and the total wall time.
+
+A benchmark-style script, not a timed test:
+
+    python benchmarks/shapes_transfer.py                  # default config, 2 cores
+    python benchmarks/shapes_transfer.py --cores 2 --work /tmp/shapes_bench --keep
+    python benchmarks/shapes_transfer.py --set train.iters=300   # override config keys
+
+Wall times come from Snakemake's per-rule benchmark files (`results/<exp>/benchmarks`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = (
+    ("frozen CLIP dense similarity", "frozen_clip", None),
+    ("single decoder, last block", "single_decoder", "single_decoder"),
+    ("cascade + NGA", "cascade", "cascade"),
+    ("cascade + self-training", "cascade_st", "cascade_st"),
+)
+
+
+def _set(cfg: dict, dotted: str, value: object) -> None:
+    node = cfg
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def _bench_seconds(path: Path) -> float | None:
+    if not path.is_file():
+        return None
+    with path.open() as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    return float(rows[-1]["s"]) if rows else None
+
+
+def _fmt(x: float | None, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default=str(ROOT / "config" / "config.yaml"))
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--work", help="scratch folder (default: a new temporary one)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+
+    cfg = yaml.safe_load(Path(args.config).read_text())
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        _set(cfg, key, yaml.safe_load(value))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="shapes_bench_"))
+    (work / "config").mkdir(parents=True, exist_ok=True)
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "-d",
+        str(work),
+        "--cores",
+        str(args.cores),
+    ]
+    print("running:", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    total = time.perf_counter() - start
+    if res.returncode != 0:
+        print(res.stderr[-5000:], file=sys.stderr)
+        print(f"workflow failed after {total:.0f}s; logs under {work}/results", file=sys.stderr)
+        return 1
+
+    results = work / cfg.get("results_dir", "results") / cfg.get("experiment", "shapes")
+    bench = results / "benchmarks"
+    stages = {
+        "make-shapes": _bench_seconds(bench / "make_shapes.tsv"),
+        "pretrain-clip": _bench_seconds(bench / "pretrain_clip.tsv"),
+    }
+    for tsv in sorted(bench.rglob("*.tsv")):
+        name = str(tsv.relative_to(bench).with_suffix(""))
+        stages.setdefault(name, _bench_seconds(tsv))
+
+    print(f"\nshapes world: {cfg.get('shapes')}\nsmall CLIP: {cfg.get('pretrain')}")
+    print(f"\n{'run':32s} {'seen':>6s} {'unseen':>7s} {'hIoU':>6s} {'train s':>8s} {'eval s':>7s}")
+    metrics = {}
+    for label, run, train_run in ROWS:
+        path = results / "eval" / run / "metrics.json"
+        if not path.is_file():
+            print(f"{label:32s} (no metrics: {path})")
+            continue
+        m = json.loads(path.read_text())
+        metrics[run] = m
+        if train_run is None:
+            train_s = None
+        elif train_run == "cascade_st":
+            train_s = _bench_seconds(bench / "self_train" / f"{train_run}.tsv") or _bench_seconds(
+                bench / "train" / f"{train_run}.tsv"
+            )
+        else:
+            train_s = _bench_seconds(bench / "train" / f"{train_run}.tsv")
+        eval_s = _bench_seconds(bench / "evaluate" / f"{run}.tsv")
+        print(
+            f"{label:32s} {m['miou_seen']:6.1f} {m['miou_unseen']:7.1f} {m['hiou']:6.1f} "
+            f"{_fmt(train_s, '8.0f')} {_fmt(eval_s, '7.0f')}"
+        )
+    print("\nstage wall times (s): " + ", ".join(f"{k} {_fmt(v, '.0f')}" for k, v in stages.items()))
+    print(f"whole workflow: {total:.0f}s on {args.cores} cores (target: <= 600 s)")
+
+    if "cascade" in metrics and "frozen_clip" in metrics:
+        c, f = metrics["cascade"], metrics["frozen_clip"]
+        ratio = c["miou_unseen"] / f["miou_unseen"] if f["miou_unseen"] > 0 else float("inf")
+        checks = {
+            "unseen mIoU >= 30": c["miou_unseen"] >= 30,
+            "unseen >= 1.5x frozen": ratio >= 1.5,
+            "seen mIoU >= 60": c["miou_seen"] >= 60,
+            "pre-training <= 240 s": (stages["pretrain-clip"] or 0) <= 240,
+            "whole workflow <= 600 s": total <= 600,
+        }
+        if "cascade_st" in metrics:
+            checks["self-training raises unseen"] = metrics["cascade_st"]["miou_unseen"] > c["miou_unseen"]
+        print(f"cascade unseen / frozen unseen = {ratio:.2f}")
+        for name, ok in checks.items():
+            print(f"  [{'x' if ok else ' '}] {name}")
+    if not args.keep and not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"outputs kept in {work}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
