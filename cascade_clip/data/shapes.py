@@ -178,7 +178,7 @@ def _thing_layer(
         lines = ((u + half) % period < 1.5) | ((v + half) % period < 1.5)
         rgb = np.where(lines[..., None], colour[None, None] * 0.45, colour[None, None])
     elif kind == "ring":
-        width = r * rng.uniform(0.42, 0.5)
+        width = r * rng.uniform(0.52, 0.62)
         mask = (d <= r) & (d >= r - width)
         rgb = np.broadcast_to(colour[None, None], (size, size, 3))
     else:
