@@ -42,6 +42,15 @@ from cascade_clip import cache
 from cascade_clip.config import config_from_dict
 
 FULL = os.environ.get("CASCADE_CLIP_BENCH_FULL", "0") == "1"
+# The encoder and the head run where training runs them: on the GPU when there is one, with
+# the bf16 autocast of `train` (the cache itself is read on the host either way).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+AMP = DEVICE.type == "cuda"
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 @dataclass(frozen=True)
@@ -110,7 +119,7 @@ def env(tmp_path_factory):
         "train": {"augment": SETUP.augment},
         "cache": {"views_per_image": SETUP.views, "batch_size": SETUP.batch},
     })
-    model = cache.build_model(cfg)
+    model = cache.build_model(cfg, DEVICE)
     shard = cache.write_shard(cfg, "train", (0, 1), tmp / "shard.h5", model=model, progress=False,
                               log=lambda _m: None)
     return {"tmp": tmp, "cfg": cfg, "model": model, "shard": shard}
@@ -242,38 +251,44 @@ def test_step(benchmark, env, source):
     text = torch.nn.functional.normalize(torch.randn(SETUP.queries, model.encoder.embed_dim), dim=-1)
     opt = torch.optim.AdamW([p for p in model.head.parameters() if p.requires_grad], lr=1e-6)
     feats = cache.to_tap_features(cached)
-    images = online["image"]
+    feats = type(feats)(feats.taps.to(DEVICE), feats.global_token.to(DEVICE), feats.grid)
+    images, target, text = online["image"].to(DEVICE), target.to(DEVICE), text.to(DEVICE)
 
     times = []
 
     def step() -> None:
         t0 = time.perf_counter()
-        if source == "online":
-            with torch.no_grad():
-                f = model.encode(images)
-        else:
-            f = feats
-        loss = sigmoid_focal_dice_loss(model.forward_features(f, text), target)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=AMP):
+            if source == "online":
+                with torch.no_grad():
+                    f = model.encode(images)
+            else:
+                f = feats
+            logits = model.forward_features(f, text)
+        loss = sigmoid_focal_dice_loss(logits.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        _sync()
         times.append(time.perf_counter() - t0)
 
     benchmark.pedantic(step, rounds=SETUP.rounds, iterations=1, warmup_rounds=1)
     model.eval()
-    _record(benchmark, source=source, batch=SETUP.batch, queries=SETUP.queries, step_s=median(times))
+    _record(benchmark, source=source, batch=SETUP.batch, queries=SETUP.queries, step_s=median(times),
+            device=str(DEVICE))
 
 
 def test_encoder_forward(benchmark, env):
     """What the cache removes from every step: the frozen encoder on one batch of views."""
     _, load_online = _batch_sources(env)
-    images = load_online()["image"]
+    images = load_online()["image"].to(DEVICE)
     model, times = env["model"], []
 
     def encode() -> None:
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=AMP):
             model.encode(images)
+        _sync()
         times.append(time.perf_counter() - t0)
 
     benchmark.pedantic(encode, rounds=SETUP.rounds, iterations=1)

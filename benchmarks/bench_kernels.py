@@ -136,8 +136,11 @@ def implementation(kernel: str, impl: str) -> Callable:
     raise ValueError(impl)
 
 
-def step(kernel: str, impl: str, inputs: dict, backward: bool = True) -> Callable[[], None]:
-    """A closure running one forward (+ backward) and waiting for the device."""
+def step(
+    kernel: str, impl: str, inputs: dict, backward: bool = True, sync: bool = True
+) -> Callable[[], None]:
+    """A closure running one forward (+ backward) and, with `sync`, waiting for the device
+    (without it the closure can be captured in a CUDA graph)."""
     fn = implementation(kernel, impl)
 
     def run() -> None:
@@ -146,7 +149,7 @@ def step(kernel: str, impl: str, inputs: dict, backward: bool = True) -> Callabl
         out = fn(*inputs["args"])
         if backward:
             out.backward(inputs["grad"])
-        if ON_GPU:
+        if sync and ON_GPU:
             torch.cuda.synchronize()
 
     return run

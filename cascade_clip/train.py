@@ -127,12 +127,17 @@ def class_split(cfg: Config, setting: str, names: tuple[str, ...] | None = None)
 
 
 def text_embeddings(
-    cfg: Config, names: tuple[str, ...], text_path: str | Path | None, clip: nn.Module, tokenizer: Any
+    cfg: Config,
+    names: tuple[str, ...],
+    text_path: str | Path | None,
+    clip: nn.Module,
+    tokenizer: Any,
+    device: torch.device,
 ) -> torch.Tensor:
     """(K_all, C) float32 class embeddings: from the text cache if given, else computed now
     with the frozen text tower and the config's template set."""
     if text_path is None:
-        return class_embeddings(clip, tokenizer, names, get_templates(cfg.clip.templates))
+        return class_embeddings(clip, tokenizer, names, get_templates(cfg.clip.templates), device)
     from cascade_clip.text_cache import load_text_embeddings
 
     emb, cached_names = load_text_embeddings(text_path, cfg)
@@ -413,7 +418,7 @@ def train(
         )
     clip, tokenizer = load_clip(cfg.clip)
     clip.to(env.device)
-    text_all = text_embeddings(cfg, split.names, text, clip, tokenizer)
+    text_all = text_embeddings(cfg, split.names, text, clip, tokenizer, env.device)
     queries = text_all[list(split.queries)].to(env.device)  # (K, C)
     model = CascadeCLIP(clip, cfg.model).to(env.device)  # holds clip.visual only
     if init is not None and not (resume and ckpt_last.is_file()):

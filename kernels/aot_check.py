@@ -38,6 +38,8 @@ def cases() -> list[Case]:
     """The configurations the wrappers launch (fp16 activations; fp32 where noted)."""
     import importlib
 
+    import torch
+
     nga_mod = importlib.import_module(f"{__package__}.nga")  # the package re-exports nga()
 
     out: list[Case] = []
@@ -65,8 +67,11 @@ def cases() -> list[Case]:
                         {"a_ptr": f"*{a}", "b_ptr": f"*{b}", "c_ptr": f"*{c}"}, ("scale",),
                         {"DOT_FP32": dot32, "INPUT_PRECISION": prec,
                          "BLOCK_M": blk, "BLOCK_N": blk, "BLOCK_R": 32}, nw))
+    seg_mod = importlib.import_module(f"{__package__}.seg_loss")
     for dt, gamma, ian in (("fp16", 2.0, True), ("fp32", 1.5, False), ("bf16", 0.0, True)):
         floats = ("scale_h", "scale_w", "alpha")
+        torch_dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[dt]
+        by, bx, nw = seg_mod._bwd_blocks(torch_dtype)
         out.append(Case("seg_loss:_seg_stats_fwd_kernel",
                         {"x_ptr": f"*{dt}", "lab_ptr": "*i16", "part_ptr": "*fp32"}, floats,
                         {"GAMMA": gamma, "IGNORE_AS_NEGATIVE": ian,
@@ -75,7 +80,7 @@ def cases() -> list[Case]:
                         {"x_ptr": f"*{dt}", "lab_ptr": "*i16", "gs_ptr": "*fp32",
                          "gx_ptr": f"*{dt}", "ybnd_ptr": "*i32", "xbnd_ptr": "*i32"}, floats,
                         {"GAMMA": gamma, "IGNORE_AS_NEGATIVE": ian, "INPUT_PRECISION": "ieee",
-                         "TILE_I": 32, "TILE_J": 32, "BLOCK_Y": 32, "BLOCK_X": 64}, 8))
+                         "TILE_I": 32, "TILE_J": 32, "BLOCK_Y": by, "BLOCK_X": bx}, nw))
     return out
 
 

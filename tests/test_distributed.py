@@ -1,13 +1,18 @@
 """Two gloo processes with batch b each train exactly like one process with batch 2b, and
-evaluate to the same confusion matrix as one process."""
+evaluate to the same confusion matrix as one process. On a GPU machine, the CLI under
+torchrun trains and evaluates through NCCL, bf16 autocast and the Triton kernels."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from test_train import (
@@ -15,6 +20,7 @@ from test_train import (
     one_thread,  # noqa: F401  (autouse: one intra-op thread)
     tiny_config,
     trainable,
+    write_config,
 )
 
 
@@ -81,3 +87,28 @@ def test_two_processes_match_one_with_double_batch(tmp_path, tiny_clip_config):
     assert (tmp_path / "eval1" / "per_class.csv").read_text() == (
         tmp_path / "eval2" / "per_class.csv"
     ).read_text()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="NCCL, bf16 autocast, compiled Triton: GPU only")
+def test_torchrun_on_gpu_trains_and_evaluates(tmp_path, tiny_clip_config):
+    """The path `snakemake --resources gpu=N` takes: `torchrun -m cascade_clip.cli train`
+    (NCCL process group, DDP, bf16 autocast, Triton kernels forced), then evaluate."""
+    root = make_tiny_dataset(tmp_path / "data", n_train=7)
+    cfg = tiny_config(root, tiny_clip_config, batch_size=2, iters=6, amp=True)
+    config = str(write_config(cfg, tmp_path / "c.yaml"))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
+    env = {**os.environ, "CASCADE_CLIP_KERNELS": "triton"}
+    run_dir, eval_dir = tmp_path / "run", tmp_path / "eval"
+    ckpt = str(run_dir / "model_final.pt")
+    for args in (
+        ["train", "--config", config, "--out", str(run_dir)],
+        ["evaluate", "--config", config, "--out", str(eval_dir), "--checkpoint", ckpt],
+    ):
+        cmd = [*torchrun, "-m", "cascade_clip.cli", *args]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert metrics["num_images"] == 3 and math.isfinite(metrics["miou_seen"])

@@ -1,11 +1,13 @@
-"""Triton kernels against their PyTorch references, in Triton's interpreter on CPU.
+"""Triton kernels against their PyTorch references: in Triton's interpreter on CPU, or
+compiled on a GPU when there is one.
 
-tests/conftest.py sets TRITON_INTERPRET=1 before this module imports the kernels; the
-``triton`` fixture forces the Triton path (CASCADE_CLIP_KERNELS=triton) and poisons every
-kernel output buffer with NaN before launch (CASCADE_CLIP_KERNELS_POISON=1), so an element
-a kernel fails to write makes the comparison fail. Inputs are fresh random tensors each
-run, with sizes that are not multiples of any block size, fp32 and fp16 (the interpreter
-computes bf16 wrongly), contiguous and not.
+Without a GPU, tests/conftest.py sets TRITON_INTERPRET=1 before this module imports the
+kernels. The ``triton`` fixture forces the Triton path (CASCADE_CLIP_KERNELS=triton), makes
+the tests' tensors on the GPU if there is one, and poisons every kernel output buffer with
+NaN before launch (CASCADE_CLIP_KERNELS_POISON=1), so an element a kernel fails to write
+makes the comparison fail. Inputs are fresh random tensors each run, with sizes that are not
+multiples of any block size, fp32 and fp16 (and bf16 on a GPU: the interpreter computes
+bf16 wrongly), contiguous and not.
 """
 
 from __future__ import annotations
@@ -27,15 +29,19 @@ nga = importlib.import_module("cascade_clip.kernels.nga")
 similarity = importlib.import_module("cascade_clip.kernels.similarity")
 seg_loss = importlib.import_module("cascade_clip.kernels.seg_loss")
 
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
-DTYPES = [torch.float32, torch.float16]
+ON_GPU = torch.cuda.is_available()
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 
 
 @pytest.fixture
 def triton(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not ON_GPU:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
     monkeypatch.setenv(dispatch.POISON_VAR, "1")
+    with torch.device("cuda" if ON_GPU else "cpu"):  # the default device of tensor factories
+        yield
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, as one script for a short lease on a CUDA machine.
+#
+# Steps run in priority order, each under its own time limit, so one slow step cannot take
+# the others' results with it: the kernel check and timings (gpu_check.py), the cached vs
+# online head step at ViT-B/16@512 (bench_cache.py), the kernel tests compiled plus the
+# torchrun/NCCL/bf16 training test, training throughput at paper size (bench_train.py), and
+# last the kernels against torch.compile of their references.
+# Every step's output lands in $OUT (default ./gpu_results).
+#
+#   bash benchmarks/gpu_session.sh             # on the GPU machine, from the repository root
+#   SMOKE=1 bash benchmarks/gpu_session.sh     # no GPU: the same flow at tiny sizes
+#   COMPILE=0 bash benchmarks/gpu_session.sh   # without the torch.compile step
+#
+# Without an install of the project: wheels in .whl/ (open_clip_torch, ftfy, wcwidth) are
+# installed to /tmp/site, and kernels/ is linked in as cascade_clip/kernels (what the
+# package-dir mapping of pyproject.toml does for an install).
+set -u
+OUT=${OUT:-gpu_results}
+SMOKE=${SMOKE:-0}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+fi
+if ! python3 -c "import cascade_clip.kernels" 2>/dev/null; then
+    [ -e cascade_clip/kernels ] || ln -s ../kernels cascade_clip/kernels
+    export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+if [ "$SMOKE" = 1 ]; then
+    full=0 check_args=--cpu-smoke
+    export TRITON_INTERPRET=1
+else
+    full=1 check_args=
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >"$OUT/device.txt"
+fi
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+    >>"$OUT/device.txt" 2>&1
+
+step() {  # step NAME SECONDS COMMAND...: output to $OUT/NAME.txt, its tail to the console
+    local name=$1 limit=$2 start=$SECONDS rc
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
+    rc=$?
+    echo "== $name: exit $rc after $((SECONDS - start)) s"
+    tail -n "${TAIL:-30}" "$OUT/$name.txt"
+}
+
+pytest_bench=(python3 -m pytest -p no:cacheprovider -q --benchmark-enable --benchmark-columns=min,median,rounds)
+step gpu_check 120 python3 benchmarks/gpu_check.py --no-compile $check_args
+step bench_cache 110 env CASCADE_CLIP_BENCH_FULL=$full "${pytest_bench[@]}" benchmarks/bench_cache.py \
+    -k "step or load_batch or encoder" --benchmark-json="$OUT/bench_cache.json"
+step tests_gpu 100 python3 -m pytest -p no:cacheprovider -q tests/test_kernels.py tests/test_distributed.py
+step bench_train 100 env CASCADE_CLIP_BENCH_FULL=$full "${pytest_bench[@]}" -s benchmarks/bench_train.py \
+    --benchmark-json="$OUT/bench_train.json"
+# Last, as it is the slowest (Inductor compiles each case): torch.compile of the references.
+[ "$SMOKE" = 1 ] || [ "${COMPILE:-1}" = 0 ] || step gpu_check_compile 120 python3 benchmarks/gpu_check.py
+cat "$OUT/device.txt"
