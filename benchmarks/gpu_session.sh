@@ -52,7 +52,7 @@ pytest_bench=(python3 -m pytest -p no:cacheprovider -q --benchmark-enable --benc
 step gpu_check 120 python3 benchmarks/gpu_check.py --no-compile $check_args
 step bench_cache 110 env CASCADE_CLIP_BENCH_FULL=$full "${pytest_bench[@]}" benchmarks/bench_cache.py \
     -k "step or load_batch or encoder" --benchmark-json="$OUT/bench_cache.json"
-step tests_gpu 100 python3 -m pytest -p no:cacheprovider -q tests/test_kernels.py tests/test_distributed.py
+step tests_gpu 200 python3 -m pytest -p no:cacheprovider -q tests/test_kernels.py tests/test_distributed.py
 step bench_train 100 env CASCADE_CLIP_BENCH_FULL=$full "${pytest_bench[@]}" -s benchmarks/bench_train.py \
     --benchmark-json="$OUT/bench_train.json"
 # Last, as it is the slowest (Inductor compiles each case): torch.compile of the references.
