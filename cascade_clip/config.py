@@ -94,6 +94,9 @@ class TrainConfig:
     poly_power: float = 0.9
     min_lr: float = 1e-6
     ignore_as_negative: bool = True
+    # Loss on every n-th label pixel per axis (centre-sampled); 1 = full resolution, as the
+    # paper. The logits are 1/16 of the labels' size, so 2-4 changes little and costs 1/n^2.
+    loss_stride: int = 1
     log_interval: int = 50
     checkpoint_interval: int = 2000
     num_workers: int = 4

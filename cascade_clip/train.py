@@ -174,6 +174,15 @@ def count_masks(target: torch.Tensor, num_queries: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def subsample_labels(labels: torch.Tensor, stride: int) -> torch.Tensor:
+    """(B, H, W) -> (B, ceil(H/stride), ceil(W/stride)): every `stride`-th label per axis,
+    starting at the middle of the first cell (stride 1 returns `labels` itself)."""
+    if stride == 1:
+        return labels
+    first = stride // 2
+    return labels[:, first::stride, first::stride]
+
+
 def pseudo_label(logits: torch.Tensor, target: torch.Tensor, unseen_queries: list[int]) -> torch.Tensor:
     """Self-training targets: pixels marked 254 get the argmax over the UNSEEN queries of
     the current prediction; every other pixel keeps its label.
@@ -491,7 +500,8 @@ def train(
             group["lr"] = lr
 
         batch = next(batches)
-        target = lut[batch["label"].to(env.device, non_blocking=True).long()]  # (B, H, W) query ids
+        labels = subsample_labels(batch["label"], cfg.train.loss_stride)  # (B, H, W), or every n-th pixel
+        target = lut[labels.to(env.device, non_blocking=True).long()]  # query ids
         with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=amp):
             logits = step_module(queries, **model_inputs(batch, env.device, tap_rows))  # (B, K, h, w)
         logits = logits.float()

@@ -159,6 +159,15 @@ def test_pseudo_label_takes_argmax_over_unseen_only():
     assert out.tolist() == [[[2, 0], [1, 255]]]
 
 
+def test_subsample_labels_takes_cell_centres():
+    from cascade_clip.train import subsample_labels
+
+    labels = torch.arange(30).view(1, 5, 6)
+    assert subsample_labels(labels, 1) is labels
+    assert subsample_labels(labels, 2).tolist() == [[[7, 9, 11], [19, 21, 23]]]
+    assert subsample_labels(labels, 3).tolist() == [[[7, 10], [25, 28]]]
+
+
 def test_sampler_shards_one_stream_and_resumes():
     from cascade_clip.distributed import ShardedInfiniteSampler
 
@@ -235,7 +244,8 @@ def test_self_training_from_half_checkpoint(tmp_path, tiny_root, tiny_clip_confi
 
     cfg = tiny_config(tiny_root, tiny_clip_config, iters=4)
     train(cfg, tmp_path / "ind")
-    st = tiny_config(tiny_root, tiny_clip_config, setting="transductive", iters=4)
+    # loss on every 2nd label pixel: pseudo-labels are made at the subsampled size too
+    st = tiny_config(tiny_root, tiny_clip_config, setting="transductive", iters=4, loss_stride=2)
     final = train(st, tmp_path / "st", init=tmp_path / "ind" / "ckpt_half.pt")
     state = torch.load(final, weights_only=True)
     assert state["setting"] == "transductive" and state["step"] == st.self_train.iters

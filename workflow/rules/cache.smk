@@ -18,7 +18,7 @@ rule cache_shard:
         f"{LOGS}/cache/shard-{{shard}}.log",
     benchmark:
         f"{BENCH}/cache/shard-{{shard}}.tsv"
-    threads: max(1, WF["threads"] // max(1, SHARDS))
+    threads: WF["cache_threads"] or max(1, WF["threads"] // SHARDS)
     resources:
         gpu=WF["cache_gpus"],
         mem_mb=8000,

@@ -21,6 +21,7 @@ rule self_train:
         f"{LOGS}/train/{SELF_TRAIN_RUN}.log",
     benchmark:
         f"{BENCH}/train/{SELF_TRAIN_RUN}.tsv"
+    priority: 10  # on the critical path: ahead of evaluations that are ready at the same time
     threads: WF["threads"]
     resources:
         gpu=WF["train_gpus"],

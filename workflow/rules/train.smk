@@ -22,6 +22,8 @@ rule train:
         f"{LOGS}/train/{{run}}.log",
     benchmark:
         f"{BENCH}/train/{{run}}.tsv"
+    # The main run heads the critical path (self-training waits on it): it goes first.
+    priority: lambda wc: 10 if wc.run == MAIN_RUN else 0
     threads: WF["threads"]
     resources:
         gpu=WF["train_gpus"],
