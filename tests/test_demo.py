@@ -57,6 +57,16 @@ def test_demo_end_to_end(tmp_path):
     res = subprocess.run([*base, "--cores", "2", "-n"], capture_output=True, text=True, timeout=300)
     assert "Nothing to be done" in res.stdout + res.stderr
 
+    # An edit to config.yaml reruns exactly the rules that read the edited values: a new
+    # learning rate retrains and re-evaluates, but keeps the world, the CLIP and the cache.
+    cfg = _tiny_demo_config()
+    cfg["train"]["lr"] = 2 * float(cfg["train"]["lr"])
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    res = subprocess.run([*base, "--cores", "2", "-n"], capture_output=True, text=True, timeout=300)
+    jobs = {line.split()[0] for line in (res.stdout + res.stderr).splitlines() if line[:1].isalpha()}
+    assert {"train", "self_train", "evaluate", "report"} <= jobs, res.stdout[-2000:]
+    assert not jobs & {"make_shapes", "pretrain_clip", "cache_shard", "text_embeddings"}, jobs
+
     report = results / "report.html"
     res = subprocess.run([*base, "--report", str(report)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -13,6 +13,7 @@ rule cache_shard:
         f"{RESULTS}/cache/train/shard-{{shard}}-of-{SHARDS}.h5",
     params:
         config=CONFIG,
+        settings=settings("seed", "clip", "model", "train.augment", "cache", "dataset"),
         shards=SHARDS,
     log:
         f"{LOGS}/cache/shard-{{shard}}.log",

@@ -1,5 +1,7 @@
 # Shared paths and helpers. The rules only call the `cascade-clip` CLI.
 
+import hashlib
+import json
 import shlex
 from pathlib import Path
 
@@ -30,6 +32,21 @@ if not RESOLVED_CONFIG.exists() or RESOLVED_CONFIG.read_text() != _resolved:
     RESOLVED_CONFIG.parent.mkdir(parents=True, exist_ok=True)
     RESOLVED_CONFIG.write_text(_resolved)
 CONFIG = str(RESOLVED_CONFIG)
+
+
+def settings(*keys):
+    """A digest of the config values a rule's command reads ("train", "train.augment", ...).
+
+    Every rule reads the one resolved config file, whose path never changes, so Snakemake
+    would not see an edit to config.yaml; a `settings` param changes with those values and
+    Snakemake's params rerun trigger reruns exactly the rules that read them."""
+    chosen = {}
+    for key in keys:
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        chosen[key] = node
+    return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def overrides(mapping):

@@ -13,6 +13,7 @@ rule evaluate:
         examples=directory(f"{RESULTS}/eval/{{run}}/examples"),
     params:
         config=CONFIG,
+        settings=settings("clip", "model", "dataset", "evaluate", "train.amp"),
         overrides=lambda wc: overrides(run_overrides(wc.run)),
         nproc=lambda wc, resources: nproc(resources.gpu),
         out=parent_of("metrics"),
@@ -45,6 +46,7 @@ rule evaluate_frozen_clip:
         examples=directory(f"{RESULTS}/eval/frozen_clip/examples"),
     params:
         config=CONFIG,
+        settings=settings("clip", "model", "dataset", "evaluate", "train.amp"),
         out=parent_of("metrics"),
     log:
         f"{LOGS}/evaluate/frozen_clip.log",
@@ -72,6 +74,7 @@ rule evaluate_cross:
         metrics=f"{RESULTS}/eval/cross/{{dataset}}/metrics.json",
     params:
         config=CONFIG,
+        settings=settings("clip", "model", "dataset", "evaluate", "train.amp"),
         overrides=overrides(run_overrides(MAIN_RUN)),
         root=lambda wc: DATA_ROOTS[wc.dataset],
         nproc=lambda wc, resources: nproc(resources.gpu),

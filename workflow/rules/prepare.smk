@@ -8,6 +8,7 @@ if IS_SHAPES:
             f"{DATA_ROOT}/dataset.json",
         params:
             config=CONFIG,
+            settings=settings("seed", "shapes", "dataset"),
             root=lambda wc, output: str(Path(output[0]).parent),
         log:
             f"{LOGS}/make_shapes.log",

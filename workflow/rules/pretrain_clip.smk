@@ -11,6 +11,7 @@ if IS_SHAPES:
             model_config=config["clip"]["model_config"],
         params:
             config=CONFIG,
+            settings=settings("seed", "pretrain", "shapes", "dataset"),
         log:
             f"{LOGS}/pretrain_clip.log",
         benchmark:

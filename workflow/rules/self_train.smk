@@ -13,6 +13,7 @@ rule self_train:
         log=f"{RESULTS}/runs/{SELF_TRAIN_RUN}/log.jsonl",
     params:
         config=CONFIG,
+        settings=settings("seed", "clip", "model", "dataset", "train", "self_train", "cache"),
         overrides=overrides(run_overrides(SELF_TRAIN_RUN)),
         cache=lambda wc, input: f"--cache {input.cache}" if input.cache else "",
         launch=launcher,

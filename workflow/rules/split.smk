@@ -9,6 +9,7 @@ rule split:
         f"{RESULTS}/split.json",
     params:
         config=CONFIG,
+        settings=settings("dataset"),
     log:
         f"{LOGS}/split.log",
     threads: 1

@@ -9,6 +9,7 @@ rule text_embeddings:
         f"{RESULTS}/text/{DATASET}.h5",
     params:
         config=CONFIG,
+        settings=settings("clip", "dataset"),
     log:
         f"{LOGS}/text_embeddings.log",
     benchmark:
@@ -32,6 +33,7 @@ rule text_embeddings_cross:
         f"{RESULTS}/text/cross/{{dataset}}.h5",
     params:
         config=CONFIG,
+        settings=settings("clip", "dataset"),
         root=lambda wc: DATA_ROOTS[wc.dataset],
     log:
         f"{LOGS}/text_embeddings/{{dataset}}.log",

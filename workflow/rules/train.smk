@@ -14,6 +14,7 @@ rule train:
         run="|".join(ABLATIONS),
     params:
         config=CONFIG,
+        settings=settings("seed", "clip", "model", "dataset", "train", "cache"),
         overrides=lambda wc: overrides(run_overrides(wc.run)),
         cache=cache_arg,
         launch=launcher,
