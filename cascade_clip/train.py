@@ -173,7 +173,6 @@ def count_masks(target: torch.Tensor, num_queries: int) -> torch.Tensor:
     return present[:, :num_queries].sum()
 
 
-@torch.no_grad()
 def subsample_labels(labels: torch.Tensor, stride: int) -> torch.Tensor:
     """(B, H, W) -> (B, ceil(H/stride), ceil(W/stride)): every `stride`-th label per axis,
     starting at the middle of the first cell (stride 1 returns `labels` itself)."""
@@ -183,6 +182,7 @@ def subsample_labels(labels: torch.Tensor, stride: int) -> torch.Tensor:
     return labels[:, first::stride, first::stride]
 
 
+@torch.no_grad()
 def pseudo_label(logits: torch.Tensor, target: torch.Tensor, unseen_queries: list[int]) -> torch.Tensor:
     """Self-training targets: pixels marked 254 get the argmax over the UNSEEN queries of
     the current prediction; every other pixel keeps its label.
