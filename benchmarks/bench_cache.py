@@ -39,7 +39,7 @@ from cascade_clip.kernels import sigmoid_focal_dice_loss
 from torch.utils.data import DataLoader, default_collate
 
 from cascade_clip import cache
-from cascade_clip.config import config_from_dict
+from cascade_clip.config import Config, config_from_dict
 
 FULL = os.environ.get("CASCADE_CLIP_BENCH_FULL", "0") == "1"
 # The encoder and the head run where training runs them: on the GPU when there is one, with
@@ -101,6 +101,19 @@ VIT_B16 = Setup(
 SETUP = VIT_B16 if FULL else SMALL
 
 
+def setup_config(setup: Setup, root: str | os.PathLike) -> Config:
+    """The config of a setup: its random CLIP, head and augmentation, every class seen."""
+    return config_from_dict({
+        "experiment": "bench",
+        "clip": {"model": "bench", "pretrained": None, "model_config": setup.clip,
+                 "image_size": setup.image_size, "templates": "voc"},
+        "model": {"stages": setup.stages, "decoder": setup.decoder},
+        "dataset": {"name": "shapes", "root": str(root), "unseen": []},
+        "train": {"augment": setup.augment},
+        "cache": {"views_per_image": setup.views, "batch_size": setup.batch},
+    })
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A generated shapes world (every class seen), a config, the model and a written cache."""
@@ -110,15 +123,7 @@ def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench_cache")
     root = generate_shapes(tmp / "shapes", seed=0, num_train=SETUP.num_images, num_val=1,
                            image_size=SETUP.image_size, progress=False)
-    cfg = config_from_dict({
-        "experiment": "bench",
-        "clip": {"model": "bench", "pretrained": None, "model_config": SETUP.clip,
-                 "image_size": SETUP.image_size, "templates": "voc"},
-        "model": {"stages": SETUP.stages, "decoder": SETUP.decoder},
-        "dataset": {"name": "shapes", "root": str(root), "unseen": []},
-        "train": {"augment": SETUP.augment},
-        "cache": {"views_per_image": SETUP.views, "batch_size": SETUP.batch},
-    })
+    cfg = setup_config(SETUP, root)
     model = cache.build_model(cfg, DEVICE)
     shard = cache.write_shard(cfg, "train", (0, 1), tmp / "shard.h5", model=model, progress=False,
                               log=lambda _m: None)

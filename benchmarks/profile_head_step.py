@@ -33,7 +33,6 @@ from cascade_clip.kernels import sigmoid_focal_dice_loss  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from cascade_clip import cache  # noqa: E402
-from cascade_clip.config import config_from_dict  # noqa: E402
 from cascade_clip.model.encoder import TapFeatures  # noqa: E402
 
 
@@ -42,13 +41,7 @@ def main() -> int:
         print("profile_head_step: needs a CUDA device")
         return 2
     setup, dev = bc.VIT_B16, torch.device("cuda")
-    cfg = config_from_dict({
-        "experiment": "profile",
-        "clip": {"model": "bench", "pretrained": None, "model_config": setup.clip,
-                 "image_size": setup.image_size, "templates": "voc"},
-        "model": {"stages": setup.stages, "decoder": setup.decoder},
-        "dataset": {"name": "shapes", "root": ".", "unseen": []},
-    })
+    cfg = bc.setup_config(setup, ".")  # no data is read: features and labels are random
     torch.manual_seed(0)
     model = cache.build_model(cfg, dev).train()
     blocks = sum(len(s) for s in setup.stages)

@@ -277,7 +277,7 @@ def evaluate(
             f"evaluate.crop_size {cfg.evaluate.crop_size} must equal clip.image_size {cfg.clip.image_size}"
         )
     model, clip, tokenizer, state = load_model(cfg, checkpoint, baseline, env.device)
-    queries = text_embeddings(cfg, names, text, clip, tokenizer, env.device).to(env.device)  # (K, C)
+    queries = text_embeddings(cfg, names, text, clip, tokenizer, env.device)  # (K, C)
     amp = cfg.train.amp and env.device.type == "cuda"
     logits_fn = make_logits_fn(model, queries, amp, env.device)
 

@@ -134,8 +134,8 @@ def text_embeddings(
     tokenizer: Any,
     device: torch.device,
 ) -> torch.Tensor:
-    """(K_all, C) float32 class embeddings: from the text cache if given, else computed now
-    with the frozen text tower and the config's template set."""
+    """(K_all, C) float32 class embeddings on `device`: from the text cache if given, else
+    computed now with the frozen text tower and the config's template set."""
     if text_path is None:
         return class_embeddings(clip, tokenizer, names, get_templates(cfg.clip.templates), device)
     from cascade_clip.text_cache import load_text_embeddings
@@ -146,7 +146,7 @@ def text_embeddings(
             f"{text_path}: text embeddings are for classes {list(cached_names)[:4]}..., "
             f"the dataset has {list(names)[:4]}... ({len(cached_names)} vs {len(names)})"
         )
-    return emb.float()
+    return emb.float().to(device)
 
 
 # ------------------------------------------------------------------------------------------
@@ -428,7 +428,7 @@ def train(
     clip, tokenizer = load_clip(cfg.clip)
     clip.to(env.device)
     text_all = text_embeddings(cfg, split.names, text, clip, tokenizer, env.device)
-    queries = text_all[list(split.queries)].to(env.device)  # (K, C)
+    queries = text_all[list(split.queries)]  # (K, C)
     model = CascadeCLIP(clip, cfg.model).to(env.device)  # holds clip.visual only
     if init is not None and not (resume and ckpt_last.is_file()):
         state = load_checkpoint(init)

@@ -12,10 +12,11 @@ from test_train import (
     TINY_UNSEEN,
     make_tiny_dataset,
     one_thread,  # noqa: F401  (autouse: one intra-op thread)
-    tiny_clip_dict,
     tiny_config,
     write_config,
 )
+
+from cascade_clip.testing import tiny_clip_config
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def trained(tmp_path_factory):
     from cascade_clip.train import train
 
     tmp = tmp_path_factory.mktemp("eval")
-    cfg = tiny_config(make_tiny_dataset(tmp / "data"), tiny_clip_dict(), iters=2)
+    cfg = tiny_config(make_tiny_dataset(tmp / "data"), tiny_clip_config(), iters=2)
     return cfg, train(cfg, tmp / "run")
 
 

@@ -91,14 +91,6 @@ def tiny_config(root: Path, clip_config: dict, **train: object) -> Config:
     )
 
 
-def tiny_clip_dict() -> dict:
-    """The tiny CLIP config for module-scoped fixtures (which cannot take the function-scoped
-    `tiny_clip_config` fixture)."""
-    from cascade_clip.testing import tiny_clip_config
-
-    return tiny_clip_config()
-
-
 def write_config(cfg: Config, path: Path) -> Path:
     path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return path
