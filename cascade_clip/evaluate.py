@@ -240,7 +240,7 @@ def evaluate(
     cross_dataset: bool = False,
     device: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate and (on rank 0) write metrics.json, per_class.csv and examples/; returns
+    """Evaluate and (on rank 0) write metrics.json, per_class.csv, confusion.npy and examples/; returns
     the metrics dict on every rank.
 
     `cross_dataset=True`: the config names another dataset than the model was trained on;
@@ -331,6 +331,7 @@ def evaluate(
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2) + "\n")
         write_per_class(out_dir / "per_class.csv", confusion, metrics, unseen_names)
+        np.save(out_dir / "confusion.npy", confusion)  # (K, K): rows ground truth, columns prediction
         (out_dir / "examples").mkdir(exist_ok=True)
         for index, image_id, label, pred in examples:
             image, _ = dataset.load_raw(index)
