@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_train import (
     TINY_CLASSES,
@@ -51,6 +52,9 @@ def test_evaluate_writes_metrics_csv_and_examples(trained, tmp_path):
     assert {r["class"] for r in rows if r["split"] == "unseen"} == set(TINY_UNSEEN)
     # every labelled pixel of the val split is counted once (32x32 minus 4 ignore pixels each)
     assert sum(int(r["gt_pixels"]) for r in rows) == 3 * (32 * 32 - 4)
+    confusion = np.load(tmp_path / "confusion.npy")  # rows ground truth, columns prediction
+    assert confusion.shape == (len(TINY_CLASSES),) * 2
+    assert confusion.sum(1).tolist() == [int(r["gt_pixels"]) for r in rows]
     assert len(list((tmp_path / "examples").glob("*.png"))) == cfg.evaluate.num_visualize
     assert metrics["miou_seen"] == pytest.approx(saved["miou_seen"])
 
