@@ -254,7 +254,7 @@ def test_step(benchmark, env, source):
     target = cached["label"] % SETUP.queries
     target[cached["label"] == 255] = 255
     text = torch.nn.functional.normalize(torch.randn(SETUP.queries, model.encoder.embed_dim), dim=-1)
-    opt = torch.optim.AdamW([p for p in model.head.parameters() if p.requires_grad], lr=1e-6)
+    opt = torch.optim.AdamW([p for p in model.head.parameters() if p.requires_grad], lr=1e-6, fused=True)
     feats = cache.to_tap_features(cached)
     feats = type(feats)(feats.taps.to(DEVICE), feats.global_token.to(DEVICE), feats.grid)
     images, target, text = online["image"].to(DEVICE), target.to(DEVICE), text.to(DEVICE)

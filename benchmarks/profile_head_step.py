@@ -54,7 +54,7 @@ def main() -> int:
     )
     text = F.normalize(torch.randn(setup.queries, c, device=dev), dim=-1)
     target = torch.randint(0, setup.queries, (b, setup.image_size, setup.image_size), device=dev)
-    opt = torch.optim.AdamW([p for p in model.head.parameters() if p.requires_grad], lr=1e-6)
+    opt = torch.optim.AdamW([p for p in model.head.parameters() if p.requires_grad], lr=1e-6, fused=True)
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
