@@ -10,6 +10,7 @@ rule evaluate:
     output:
         metrics=f"{RESULTS}/eval/{{run}}/metrics.json",
         per_class=f"{RESULTS}/eval/{{run}}/per_class.csv",
+        confusion=f"{RESULTS}/eval/{{run}}/confusion.npy",
         examples=directory(f"{RESULTS}/eval/{{run}}/examples"),
     params:
         config=CONFIG,
@@ -43,6 +44,7 @@ rule evaluate_frozen_clip:
     output:
         metrics=f"{RESULTS}/eval/frozen_clip/metrics.json",
         per_class=f"{RESULTS}/eval/frozen_clip/per_class.csv",
+        confusion=f"{RESULTS}/eval/frozen_clip/confusion.npy",
         examples=directory(f"{RESULTS}/eval/frozen_clip/examples"),
     params:
         config=CONFIG,
