@@ -95,7 +95,8 @@ class TrainConfig:
     min_lr: float = 1e-6
     ignore_as_negative: bool = True
     # Loss on every n-th label pixel per axis (centre-sampled); 1 = full resolution, as the
-    # paper. The logits are 1/16 of the labels' size, so 2-4 changes little and costs 1/n^2.
+    # paper. The logits are 1/patch of the labels' size (1/16 for ViT-B/16, 1/8 in the demo),
+    # so a stride under the patch size changes little; the loss costs 1/n^2.
     loss_stride: int = 1
     log_interval: int = 50
     checkpoint_interval: int = 2000
