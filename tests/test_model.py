@@ -253,12 +253,26 @@ def test_corrupt_weights_file(tmp_path, tiny_clip_config):
 
 def test_weights_round_trip_through_file(tmp_path, tiny_clip_config):
     clip, _ = _clip(tiny_clip_config)
+    # A CLIP built from a model config is always the seed-0 network, so weights saved from
+    # one would "load" even if loading did nothing. Save weights that seed 0 does not give.
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in clip.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    fresh, _ = _clip(tiny_clip_config)
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.equal(fresh.visual.proj, clip.visual.proj)
+    assert not torch.allclose(fresh.encode_image(x), clip.encode_image(x))
     path = tmp_path / "w.pt"
     torch.save({"state_dict": clip.state_dict()}, path)
     clip2, _ = load_clip(
         ClipConfig(model="tiny", pretrained=str(path), model_config=tiny_clip_config, image_size=32)
     )
-    assert torch.equal(clip2.visual.proj, clip.visual.proj)
+    saved, loaded = clip.state_dict(), clip2.state_dict()
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+    with torch.no_grad():
+        assert torch.equal(clip2.encode_image(x), clip.encode_image(x))
     wrong = dict(tiny_clip_config, embed_dim=16)
     with pytest.raises(ValueError, match="do not fit"):
         load_clip(ClipConfig(model="tiny", pretrained=str(path), model_config=wrong, image_size=32))
