@@ -30,8 +30,34 @@ _STYLE = (
 )
 
 
+# How a score that does not exist is shown: an mIoU over no classes (e.g. `dataset.unseen: []`
+# has no unseen mIoU and so no hIoU; metrics.json holds null for it), a class in neither the
+# ground truth nor the predictions, a class a run did not score.
+MISSING = "n/a"
+
+
+def as_score(value: float | int | None) -> float:
+    """A metrics.json score as a float; null (NaN written by evaluation) becomes NaN."""
+    return float("nan") if value is None else float(value)
+
+
+def fmt_score(value: float | None, spec: str = ".1f") -> str:
+    """`value` formatted with `spec`, or MISSING (right-aligned to the same width) if null/NaN."""
+    if value is None or math.isnan(value):
+        width = format(0.0, spec)
+        return MISSING.rjust(len(width))
+    return format(value, spec)
+
+
 def _fmt(value: float | None) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
+    return fmt_score(value)
+
+
+def _csv_value(value: object) -> object:
+    """NaN/None as an empty CSV field (pandas and csv readers take it as missing)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return value
 
 
 def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: str) -> str:
@@ -61,9 +87,9 @@ def summary_tables(results: Path, runs: Sequence[str], cross: Sequence[str], out
                 "run": run,
                 "model": RUN_LABELS.get(run, run),
                 "setting": m.get("setting", ""),
-                "miou_seen": m["miou_seen"],
-                "miou_unseen": m["miou_unseen"],
-                "hiou": m["hiou"],
+                "miou_seen": as_score(m["miou_seen"]),
+                "miou_unseen": as_score(m["miou_unseen"]),
+                "hiou": as_score(m["hiou"]),
                 "num_images": m.get("num_images", ""),
             }
         )
@@ -74,7 +100,7 @@ def summary_tables(results: Path, runs: Sequence[str], cross: Sequence[str], out
                 "run": f"cross:{dataset}",
                 "model": f"main run evaluated on {dataset} (all classes seen)",
                 "setting": "cross-dataset",
-                "miou_seen": m.get("miou", m["miou_seen"]),
+                "miou_seen": as_score(m.get("miou", m["miou_seen"])),
                 "miou_unseen": float("nan"),
                 "hiou": float("nan"),
                 "num_images": m.get("num_images", ""),
@@ -83,7 +109,7 @@ def summary_tables(results: Path, runs: Sequence[str], cross: Sequence[str], out
     with open(out / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: _csv_value(v) for k, v in r.items()} for r in rows)
     table = [
         [
             r["model"],

@@ -1,57 +1,200 @@
-"""The report's tables and figures from fake stage outputs."""
+"""The report's tables and figures, read back from the files `build_report` and
+`cascade-clip report` write, against fake stage outputs."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+from html.parser import HTMLParser
 
+import numpy as np
 import pytest
 from PIL import Image
+from test_train import tiny_config, write_config
 
+from cascade_clip.cli import main
+from cascade_clip.metrics import summarize
 from cascade_clip.report import build_report
 
 
-def _metrics(path, s, u, per_class):
+class _Table(HTMLParser):
+    """The cell texts of an HTML table, one list per <tr>."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[list[str]] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.rows[-1].append("".join(self._cell))
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def table(path) -> list[list[str]]:
+    parser = _Table()
+    parser.feed(path.read_text())
+    return parser.rows
+
+
+def _write_metrics(path, metrics: dict, **extra) -> None:
+    """As evaluation writes metrics.json: NaN as null."""
+
+    def safe(v):
+        if isinstance(v, float) and math.isnan(v):
+            return None
+        return {k: safe(x) for k, x in v.items()} if isinstance(v, dict) else v
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    h = 2 * s * u / (s + u)
-    path.write_text(
-        json.dumps(
-            {
-                "miou_seen": s,
-                "miou_unseen": u,
-                "hiou": h,
-                "per_class_iou": per_class,
-                "setting": "inductive",
-                "num_images": 3,
-            }
+    path.write_text(json.dumps(safe({**metrics, "setting": "inductive", "num_images": 3, **extra})))
+
+
+def _metrics(s, u, per_class):
+    return {"miou_seen": s, "miou_unseen": u, "hiou": 2 * s * u / (s + u), "per_class_iou": per_class}
+
+
+# The colour matplotlib draws a figure's first line in ("C0").
+C0 = np.array([0x1F, 0x77, 0xB4])
+
+
+def _extent(png, colour, tol=8) -> tuple[float, float]:
+    """How far `colour` spreads across the left panel (the loss; the learning rate is on the
+    right), as fractions of its width and height: a falling curve spans much of both, a
+    legend swatch alone a few percent."""
+    pixels = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    left = pixels[:, : pixels.shape[1] // 2]
+    ys, xs = np.nonzero(np.abs(left - colour).max(-1) <= tol)
+    if not len(xs):
+        return 0.0, 0.0
+    return (xs.max() - xs.min()) / left.shape[1], (ys.max() - ys.min()) / left.shape[0]
+
+
+def _results(tmp_path, log: bool = True):
+    res = tmp_path / "results"
+    _write_metrics(res / "eval/frozen_clip/metrics.json", _metrics(20.04, 10.0, {"a": 20.04, "b": 10.0}))
+    _write_metrics(res / "eval/cascade/metrics.json", _metrics(80.0, 40.0, {"a": 80.0, "b": 40.0}))
+    _write_metrics(res / "eval/cross/other/metrics.json", {**_metrics(30.0, 30.0, {}), "miou": 33.33})
+    if log:
+        (res / "runs/cascade").mkdir(parents=True)
+        (res / "runs/cascade/log.jsonl").write_text(
+            "\n".join(json.dumps({"step": i, "loss": 10.0 / i, "lr": 1e-3}) for i in range(1, 6))
         )
-    )
+    header = "s\th:m:s\tmax_rss\tcpu_time\n"
+    (res / "benchmarks/train").mkdir(parents=True)
+    (res / "benchmarks/evaluate").mkdir(parents=True)
+    # A benchmark file with two records (a rerun): the last one counts.
+    train_tsv = header + "99.0\t0:01:39\t1\t1\n" + "12.5\t0:00:12\t300\t20\n"
+    (res / "benchmarks/train/cascade.tsv").write_text(train_tsv)
+    (res / "benchmarks/evaluate/cascade.tsv").write_text(header + "7.3\t0:00:07\t200\t9\n")
+    examples = res / "eval/cascade/examples"
+    examples.mkdir(parents=True)
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(examples / "img0.png")
+    return res, examples
 
 
 def test_build_report(tmp_path):
+    res, examples = _results(tmp_path)
+    out = tmp_path / "report"
+    rows = build_report(res, ["frozen_clip", "cascade"], ["b"], examples, out, cross=["other"])
+    assert [r["run"] for r in rows] == ["frozen_clip", "cascade", "cross:other"]
+
+    # summary: one row per run, in order, labelled, each score in its column at 0.1
+    assert table(out / "summary.html") == [
+        ["model", "setting", "mIoU(S)", "mIoU(U)", "hIoU", "images"],
+        ["frozen CLIP dense similarity (no decoder)", "inductive", "20.0", "10.0", "13.3", "3"],
+        ["Cascade-CLIP (NGA, cascaded decoders)", "inductive", "80.0", "40.0", "53.3", "3"],
+        ["main run evaluated on other (all classes seen)", "cross-dataset", "33.3", "n/a", "n/a", "3"],
+    ]
+    with open(out / "summary.csv") as f:
+        records = list(csv.DictReader(f))
+    assert [r["run"] for r in records] == ["frozen_clip", "cascade", "cross:other"]
+    assert float(records[1]["miou_unseen"]) == 40.0 and float(records[0]["miou_seen"]) == 20.04
+    assert records[2]["miou_seen"] == "33.33" and records[2]["hiou"] == ""
+
+    # per class: unseen classes starred, one column per run
+    assert table(out / "per_class.html") == [
+        ["class (* unseen)", "frozen_clip", "cascade"],
+        ["a", "20.0", "80.0"],
+        ["b *", "10.0", "40.0"],
+    ]
+
+    # run times: stage named by its benchmark path, the last record, and the total
+    assert table(out / "runtimes.html") == [
+        ["stage", "wall time (s)", "peak RSS (MB)", "CPU time (s)"],
+        ["evaluate/cascade", "7.3", "200", "9"],
+        ["train/cascade", "12.5", "300", "20"],
+        ["total (sum of stages)", "19.8", "", ""],
+    ]
+
+    # the loss panel draws the cascade run's loss (frozen_clip has no log, so no other line)
+    width, height = _extent(out / "curves.png", C0)
+    assert width > 0.5 and height > 0.4  # five steps, loss 10 -> 2 on a log axis
+    assert (out / "examples/img0.png").read_bytes() == (examples / "img0.png").read_bytes()
+
+
+def test_curves_empty_without_logs(tmp_path):
+    res, examples = _results(tmp_path, log=False)
+    build_report(res, ["cascade"], ["b"], examples, tmp_path / "report")
+    assert _extent(tmp_path / "report/curves.png", C0) == (0.0, 0.0)
+
+
+def _no_unseen_results(tmp_path):
+    """A run evaluated with `dataset.unseen: []`: no unseen mIoU, so no hIoU (both null)."""
     res = tmp_path / "results"
-    _metrics(res / "eval/frozen_clip/metrics.json", 20.0, 10.0, {"a": 20.0, "b": 10.0})
-    _metrics(res / "eval/cascade/metrics.json", 80.0, 40.0, {"a": 80.0, "b": 40.0})
-    (res / "runs/cascade").mkdir(parents=True)
-    (res / "runs/cascade/log.jsonl").write_text(
-        "\n".join(json.dumps({"step": i, "loss": 10.0 / i, "lr": 1e-3}) for i in range(1, 6))
-    )
-    (res / "benchmarks/train").mkdir(parents=True)
-    (res / "benchmarks/train/cascade.tsv").write_text("s\th:m:s\tmax_rss\tcpu_time\n12.5\t0:00:12\t300\t20\n")
+    confusion = np.array([[4, 1, 0], [0, 2, 0], [0, 0, 0]])  # "c" appears nowhere
+    metrics = summarize(confusion, ["a", "b", "c"], [])
+    assert math.isnan(metrics["miou_unseen"]) and math.isnan(metrics["hiou"])
+    _write_metrics(res / "eval/cascade/metrics.json", metrics)
+    assert json.loads((res / "eval/cascade/metrics.json").read_text())["miou_unseen"] is None
+    (res / "split.json").write_text(json.dumps({"seen": ["a", "b", "c"], "unseen": []}))
     examples = res / "eval/cascade/examples"
     examples.mkdir(parents=True)
-    Image.new("RGB", (8, 8)).save(examples / "img0.png")
+    return res, examples
+
+
+def test_run_without_unseen_classes_shown_as_na(tmp_path):
+    res, examples = _no_unseen_results(tmp_path)
     out = tmp_path / "report"
-    rows = build_report(res, ["frozen_clip", "cascade"], ["b"], examples, out)
-    assert [r["run"] for r in rows] == ["frozen_clip", "cascade"]
-    assert math.isclose(rows[1]["hiou"], 2 * 80 * 40 / 120)
-    summary = (out / "summary.html").read_text()
-    assert "80.0" in summary and "53.3" in summary
-    assert "b *" in (out / "per_class.html").read_text()
-    assert (out / "curves.png").stat().st_size > 0
-    assert "12.5" in (out / "runtimes.html").read_text()
-    assert (out / "examples/img0.png").exists()
-    assert (out / "summary.csv").read_text().startswith("run,model,setting")
+    rows = build_report(res, ["cascade"], [], examples, out)
+    assert math.isnan(rows[0]["miou_unseen"]) and math.isnan(rows[0]["hiou"])
+    # seen mIoU: a = 4/5, b = 2/3, c not scored -> (80 + 66.7) / 2
+    assert table(out / "summary.html")[1] == [
+        "Cascade-CLIP (NGA, cascaded decoders)",
+        "inductive",
+        "73.3",
+        "n/a",
+        "n/a",
+        "3",
+    ]
+    assert table(out / "per_class.html")[1:] == [["a", "80.0"], ["b", "66.7"], ["c", "n/a"]]
+    with open(out / "summary.csv") as f:
+        (record,) = csv.DictReader(f)
+    assert record["miou_unseen"] == "" and record["hiou"] == ""
+    assert float(record["miou_seen"]) == pytest.approx(220 / 3)
+
+
+def test_report_command_with_null_unseen(tmp_path, tiny_clip_config, capsys):
+    res, examples = _no_unseen_results(tmp_path)
+    config = write_config(tiny_config(tmp_path, tiny_clip_config), tmp_path / "config.yaml")
+    out = tmp_path / "report"
+    argv = ["report", "--config", str(config), "--results", str(res), "--runs", "cascade"]
+    rc = main([*argv, "--examples", str(examples), "--out", str(out)])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    (line,) = [x for x in printed.out.splitlines() if x.startswith("Cascade-CLIP")]
+    assert line.split()[-6:] == ["S", "73.3", "U", "n/a", "hIoU", "n/a"]
+    assert (out / "summary.html").is_file()
 
 
 def test_missing_metrics_named(tmp_path):

@@ -21,12 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cascade_clip.report import build_report
+    from cascade_clip.report import build_report, fmt_score
 
     config_from_args(args)  # refuse a bad config here too
     results = Path(args.results)
     split = json.loads((results / "split.json").read_text())
     rows = build_report(results, args.runs, split["unseen"], Path(args.examples), Path(args.out), args.cross)
     for r in rows:
-        print(f"{r['model']:<50} S {r['miou_seen']:5.1f}  U {r['miou_unseen']:5.1f}  hIoU {r['hiou']:5.1f}")
+        seen, unseen, hiou = (fmt_score(r[k], "5.1f") for k in ("miou_seen", "miou_unseen", "hiou"))
+        print(f"{r['model']:<50} S {seen}  U {unseen}  hIoU {hiou}")
     return 0
