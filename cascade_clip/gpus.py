@@ -5,19 +5,42 @@ once would both see every GPU. `cascade-clip gpu-run --gpus N -- CMD` takes an e
 lock on N free GPUs (one lock file per device, fcntl.flock, so a crashed job frees its
 GPUs), runs CMD with CUDA_VISIBLE_DEVICES naming exactly those, and releases them when CMD
 exits. With N = 0 it runs CMD as is, hiding every GPU.
+
+The pool the N come from is the CUDA_VISIBLE_DEVICES gpu-run inherits, when it is set: a
+scheduler (SLURM, a container runtime) that gave this job `4,5,6,7`, or GPU/MIG UUIDs, gave
+it those devices and no others, so gpu-run hands a child a subset of those entries exactly as
+written, never renumbered to `0..N-1` (which would be someone else's GPUs). Only when it is
+unset is the pool every GPU of the machine (CASCADE_CLIP_NUM_GPUS, else torch's count). An
+empty value means no GPUs, as it does to CUDA.
+
+The locks are per user: they live in `$XDG_RUNTIME_DIR/cascade-clip-gpu-locks`, else in
+`/tmp/cascade-clip-gpu-locks-<uid>` (CASCADE_CLIP_GPU_LOCKS overrides both), a folder of mode
+0700 that must belong to the user, because anyone who can write the folder can delete or
+pre-create lock files and so hand one GPU to two jobs. Each lock file is named after the
+device's id as the pool spells it, so a GPU spelt two ways (`3` and its UUID) gets two locks:
+jobs that share GPUs must agree on how they name them. Two users on one machine therefore do
+not see each other's locks; keeping their jobs off the same GPU is the scheduler's job (SLURM
+gives each job its own CUDA_VISIBLE_DEVICES), which is why gpu-run honours the inherited
+assignment rather than counting GPUs itself.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import quote
 
-DEFAULT_LOCK_DIR = Path(os.environ.get("CASCADE_CLIP_GPU_LOCKS", "/tmp/cascade-clip-gpu-locks"))
+LOCK_DIR_NAME = "cascade-clip-gpu-locks"
+
+
+class GpuLockDirError(ValueError):
+    """The lock folder is unsafe to use (a ValueError, so the CLI prints it in one line)."""
 
 
 def visible_gpu_count() -> int:
@@ -32,37 +55,137 @@ def visible_gpu_count() -> int:
         return 0
 
 
+def parse_visible_devices(value: str) -> list[str]:
+    """The entries of a CUDA_VISIBLE_DEVICES value, kept as written and in order.
+
+    CUDA stops at the first invalid entry, so `-1` (the usual way to hide every GPU) ends the
+    list here too; a repeated entry is kept once, since locking it twice would deadlock.
+    """
+    devices: list[str] = []
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue
+        if entry.startswith("-"):
+            break
+        if entry not in devices:
+            devices.append(entry)
+    return devices
+
+
+def gpu_pool(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The device ids a job may take: the inherited CUDA_VISIBLE_DEVICES, else every GPU."""
+    environ = os.environ if environ is None else environ
+    if "CUDA_VISIBLE_DEVICES" in environ:
+        return parse_visible_devices(environ["CUDA_VISIBLE_DEVICES"])
+    return [str(i) for i in range(visible_gpu_count())]
+
+
+def pool_origin(environ: Mapping[str, str] | None = None) -> str:
+    """Where gpu_pool took the pool from, for error messages."""
+    environ = os.environ if environ is None else environ
+    if "CUDA_VISIBLE_DEVICES" in environ:
+        return f"the inherited CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']!r}"
+    if "CASCADE_CLIP_NUM_GPUS" in environ:
+        return f"CASCADE_CLIP_NUM_GPUS={environ['CASCADE_CLIP_NUM_GPUS']}"
+    return "the GPUs torch sees (CUDA_VISIBLE_DEVICES is unset)"
+
+
+def default_lock_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """CASCADE_CLIP_GPU_LOCKS, else the user's runtime folder, else a per-uid folder in /tmp.
+
+    XDG_RUNTIME_DIR counts only when it exists: a batch job can inherit the login node's
+    `/run/user/<uid>`, which the compute node does not have.
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get("CASCADE_CLIP_GPU_LOCKS"):
+        return Path(environ["CASCADE_CLIP_GPU_LOCKS"])
+    runtime = environ.get("XDG_RUNTIME_DIR", "")
+    if runtime and os.path.isabs(runtime) and os.path.isdir(runtime):
+        return Path(runtime) / LOCK_DIR_NAME
+    return Path("/tmp") / f"{LOCK_DIR_NAME}-{os.geteuid()}"
+
+
+def ensure_lock_dir(lock_dir: Path, uid: int | None = None) -> Path:
+    """Create `lock_dir` (mode 0700) if needed and refuse it unless only `uid` can write it.
+
+    lstat, not stat: a symlink planted in /tmp by someone else is refused rather than followed.
+    """
+    uid = os.geteuid() if uid is None else uid
+    try:
+        lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(lock_dir)
+    except OSError as err:
+        raise GpuLockDirError(f"cannot use GPU lock folder {lock_dir}: {err.strerror}") from err
+    if not stat.S_ISDIR(info.st_mode):
+        raise GpuLockDirError(f"GPU lock folder {lock_dir} is not a folder (a symlink?); refusing it")
+    if info.st_uid != uid:
+        raise GpuLockDirError(
+            f"GPU lock folder {lock_dir} belongs to uid {info.st_uid}, not to you (uid {uid}); "
+            "refusing it (set CASCADE_CLIP_GPU_LOCKS to a folder of your own)"
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise GpuLockDirError(
+            f"GPU lock folder {lock_dir} is writable by others (mode {stat.S_IMODE(info.st_mode):o}); "
+            f"refusing it (chmod 700 {lock_dir})"
+        )
+    return lock_dir
+
+
+def lock_file_name(device: str) -> str:
+    """A file name for `device` that is safe and distinct for any id.
+
+    MIG ids can hold `/` (`MIG-GPU-<uuid>/1/0`); percent-encoding everything but letters,
+    digits and `-._~` keeps the name inside the folder and two different ids apart.
+    """
+    return f"gpu-{quote(device, safe='')}.lock"
+
+
+def _try_lock(path: Path) -> int | None:
+    """An fd holding an exclusive flock on `path`, or None if someone else holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 @contextmanager
 def acquire_gpus(
     count: int,
-    total: int | None = None,
-    lock_dir: Path = DEFAULT_LOCK_DIR,
+    pool: Sequence[str] | None = None,
+    lock_dir: Path | None = None,
     timeout: float = 7 * 24 * 3600,
     poll: float = 1.0,
-):
-    """Hold exclusive locks on `count` of the `total` GPUs; yields their ids (sorted)."""
-    total = visible_gpu_count() if total is None else total
+) -> Iterator[list[str]]:
+    """Hold exclusive locks on `count` devices of `pool` (default: gpu_pool()).
+
+    Yields the held entries as the pool spells them, in pool order.
+    """
     if count < 0:
         raise ValueError(f"cannot ask for {count} GPUs")
-    if count > total:
-        raise ValueError(f"asked for {count} GPUs but this machine has {total}")
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    held: list[tuple[int, int]] = []  # (gpu id, fd)
+    if pool is None:
+        pool, origin = gpu_pool(), pool_origin()
+    else:
+        pool, origin = list(dict.fromkeys(pool)), "the given pool"
+    if count > len(pool):
+        listed = ",".join(pool) or "none"
+        raise ValueError(f"asked for {count} GPUs but the pool has {len(pool)} ({listed}, from {origin})")
+    if count == 0:
+        yield []
+        return
+    lock_dir = ensure_lock_dir(default_lock_dir() if lock_dir is None else lock_dir)
+    held: list[tuple[str, int]] = []  # (device, fd)
     deadline = time.monotonic() + timeout
     try:
         while len(held) < count:
-            for gpu in range(total):
+            for device in pool:
                 if len(held) == count:
                     break
-                if any(g == gpu for g, _ in held):
-                    continue
-                fd = os.open(lock_dir / f"gpu{gpu}.lock", os.O_RDWR | os.O_CREAT, 0o666)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    os.close(fd)
-                    continue
-                held.append((gpu, fd))
+                fd = _try_lock(lock_dir / lock_file_name(device))
+                if fd is not None:
+                    held.append((device, fd))
             if len(held) < count:
                 # Take all or nothing, so two jobs each holding half cannot deadlock.
                 for _, fd in held:
@@ -71,18 +194,21 @@ def acquire_gpus(
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"no {count} free GPUs within {timeout:.0f} s")
                 time.sleep(poll)
-        yield sorted(g for g, _ in held)
+        yield [device for device, _ in held]
     finally:
         for _, fd in held:
             os.close(fd)
 
 
 def run_on_gpus(
-    count: int, command: Sequence[str], total: int | None = None, lock_dir: Path = DEFAULT_LOCK_DIR
+    count: int,
+    command: Sequence[str],
+    pool: Sequence[str] | None = None,
+    lock_dir: Path | None = None,
 ) -> int:
     """Run `command` with CUDA_VISIBLE_DEVICES set to `count` GPUs locked for its lifetime."""
     if not command:
         raise ValueError("gpu-run needs a command after --")
-    with acquire_gpus(count, total=total, lock_dir=lock_dir) as gpus:
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)))
+    with acquire_gpus(count, pool=pool, lock_dir=lock_dir) as gpus:
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(gpus))
         return subprocess.call(list(command), env=env)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "Run a command on N GPUs that no other concurrently running job holds (sets CUDA_VISIBLE_DEVICES)."
+HELP = (
+    "Run a command on N GPUs that no other concurrently running job of yours holds, taken from the "
+    "inherited CUDA_VISIBLE_DEVICES (else all GPUs); sets CUDA_VISIBLE_DEVICES to exactly those."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
