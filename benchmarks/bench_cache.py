@@ -106,7 +106,7 @@ def setup_config(setup: Setup, root: str | os.PathLike) -> Config:
     return config_from_dict({
         "experiment": "bench",
         "clip": {"model": "bench", "pretrained": None, "model_config": setup.clip,
-                 "image_size": setup.image_size, "templates": "voc"},
+                 "image_size": setup.image_size, "templates": "official-single"},
         "model": {"stages": setup.stages, "decoder": setup.decoder},
         "dataset": {"name": "shapes", "root": str(root), "unseen": []},
         "train": {"augment": setup.augment},

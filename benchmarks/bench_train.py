@@ -126,7 +126,7 @@ def world(tmp_path_factory) -> dict[str, Any]:
                 "pretrained": None,
                 "model_config": SETUP.clip,
                 "image_size": SETUP.image_size,
-                "templates": "voc",
+                "templates": "official-single",
             },
             "model": {"stages": SETUP.stages, "vpt_tokens": 10},
             "dataset": {"name": "shapes", "root": str(root)},

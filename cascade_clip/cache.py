@@ -179,14 +179,10 @@ def image_list_digest(ids: Sequence[str]) -> str:
 
 
 def unseen_names(cfg: Config) -> list[str]:
-    """The configured unseen class names (the registry's split when `dataset.unseen` is None)."""
-    if cfg.dataset.unseen is not None:
-        return [str(n) for n in cfg.dataset.unseen]
-    from cascade_clip.data import get_spec
+    """The configured unseen class names (see cascade_clip.data.registry.unseen_class_names)."""
+    from cascade_clip.data.registry import unseen_class_names
 
-    root = Path(cfg.dataset.root)
-    spec = get_spec(cfg.dataset.name, root if (root / "dataset.json").is_file() else None)
-    return list(spec.unseen)
+    return unseen_class_names(cfg.dataset.name, cfg.dataset.unseen, cfg.dataset.root)
 
 
 def tapped_blocks(cfg: Config) -> list[int]:
@@ -205,6 +201,8 @@ def provenance(cfg: Config, split: str, image_ids: Sequence[str]) -> dict[str, A
         "tapped_blocks": tapped_blocks(cfg),
         "tap_projection": cfg.model.tap_projection,
         "tap_seed": int(cfg.model.tap_seed),
+        "cls_token": cfg.model.cls_token,
+        "pos_resize": cfg.clip.pos_resize,
         "input_size": int(cfg.train.augment.crop_size),
         "mean": [float(v) for v in IMAGENET_MEAN],
         "std": [float(v) for v in IMAGENET_STD],

@@ -30,7 +30,8 @@ import torch
 
 from cascade_clip.config import Config
 
-CHECKPOINT_VERSION = 1
+# 2: decoder input adapter optional (model.decoder.input_adapter), vpt prompt_norm, CLS mode.
+CHECKPOINT_VERSION = 2
 
 # ModelConfig fields that change neither the trainable tensors nor what they compute in
 # training: a checkpoint may be evaluated with another value.
@@ -87,10 +88,12 @@ def _flatten(data: Any, prefix: str) -> dict[str, Any]:
 
 def model_signature(config: dict[str, Any]) -> dict[str, Any]:
     """The config values a checkpoint's tensors depend on, flattened to dotted keys:
-    the `model` section (less inference-only fields) and the CLIP model name."""
+    the `model` section (less inference-only fields), the CLIP model name and how its
+    positional embedding was resized."""
     model = {k: v for k, v in config.get("model", {}).items() if k not in INFERENCE_ONLY_FIELDS}
     sig = _flatten(model, "model")
     sig["clip.model"] = config.get("clip", {}).get("model")
+    sig["clip.pos_resize"] = config.get("clip", {}).get("pos_resize")
     return sig
 
 

@@ -33,7 +33,17 @@ class ClipConfig:
     pretrained: str | None = "openai"
     model_config: str | dict | None = None
     image_size: int = 512
-    templates: str = "coco"  # template set name, see cascade_clip.model.text.TEMPLATES
+    # How the 14x14 positional grid is resized to the input's grid: "bilinear" as the
+    # authors' release (align_corners false), or "bicubic" (this project's earlier choice).
+    pos_resize: Literal["bilinear", "bicubic"] = "bilinear"
+    # Prompt template set by name (cascade_clip.model.text.TEMPLATE_SETS); "dataset" takes
+    # the dataset's own set from the registry, as the release does: the 15 scene templates
+    # for COCO-Stuff and Context, the single "a photo of a {}" for VOC, also as a
+    # cross-dataset target.
+    templates: str = "dataset"
+    # Class names go into the templates "raw" (as the release: "wall-concrete") or
+    # "readable" ("wall concrete", "-other" dropped; this project's earlier choice).
+    prompt_names: Literal["raw", "readable"] = "raw"
 
 
 @dataclass
@@ -42,6 +52,10 @@ class DecoderConfig:
     heads: int = 8
     ffn_dim: int = 2048
     dropout: float = 0.1
+    # A trainable Linear + LayerNorm on each stage's pixel tokens before its layers. Not in
+    # the authors' decoder (it takes the NGA-fused, L2-normalised tokens as they are); this
+    # project's variant, off in the real configs.
+    input_adapter: bool = False
 
 
 @dataclass
@@ -60,6 +74,12 @@ class ModelConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     encoder_mode: Literal["frozen", "vpt"] = "frozen"
     vpt_tokens: int = 50
+    # vpt only: the release's trainable LayerNorm (eps 1e-6) on every tapped hidden state
+    # and on the last block's output, trained with the prompts.
+    vpt_prompt_norm: bool = True
+    # CLS token input: "official" = 2 x class_embedding + pos[0] (a quirk of the release
+    # that its numbers carry), "standard" = CLIP's own class_embedding + pos[0].
+    cls_token: Literal["official", "standard"] = "official"
     seen_calibration: float = 0.1
 
 
@@ -67,7 +87,9 @@ class ModelConfig:
 class DatasetConfig:
     name: str = "shapes"
     root: str = "resources/data/shapes"
-    unseen: list[str] | None = None  # None: the registry's split
+    # Unseen class names; None: the registry's split (the paper's); a string names another
+    # split of the registry, e.g. "official-release" for Context (see data.registry).
+    unseen: list[str] | str | None = None
     train_split: str = "train"
     val_split: str = "val"
     drop_unseen_images: bool = False
@@ -109,6 +131,7 @@ class TrainConfig:
 class SelfTrainConfig:
     iters: int = 40000
     start_fraction: float = 0.5  # start from the inductive checkpoint at half its schedule
+    batch_size: int | None = None  # per process; None = train.batch_size (VOC: 8, as released)
 
 
 @dataclass

@@ -25,7 +25,7 @@ from PIL import Image
 from cascade_clip.config import Config
 from cascade_clip.evaluate import colorize, legend_handles, load_model, make_logits_fn, palette
 from cascade_clip.inference import predict_labels, sliding_window_scores
-from cascade_clip.model import class_embeddings, get_templates
+from cascade_clip.model import config_class_embeddings
 
 
 def parse_classes(text: str) -> list[str]:
@@ -88,7 +88,7 @@ def predict(
     out_dir = Path(out_dir)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, clip, tokenizer, _ = load_model(cfg, checkpoint, None, dev)
-    text = class_embeddings(clip, tokenizer, list(class_names), get_templates(cfg.clip.templates), dev)
+    text = config_class_embeddings(cfg, clip, tokenizer, list(class_names), dev)
     logits_fn = make_logits_fn(model, text.to(dev), cfg.train.amp and dev.type == "cuda", dev)
     transform = eval_transform(cfg.evaluate.short_side)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -46,14 +46,16 @@ def dataset_classes(cfg: Config) -> list[str]:
 
 def text_provenance(cfg: Config, class_names: list[str] | None = None) -> dict[str, Any]:
     """The attributes a text-embedding file must share with the config that reads it."""
-    from cascade_clip.model import get_templates
+    from cascade_clip.model import config_templates
 
+    template_set, templates = config_templates(cfg)
     return {
         "format_version": TEXT_FORMAT_VERSION,
         "model": cfg.clip.model,
         "weights_digest": weights_digest(cfg.clip),
-        "template_set": cfg.clip.templates,
-        "templates": json.dumps(list(get_templates(cfg.clip.templates))),
+        "template_set": template_set,
+        "templates": json.dumps(list(templates)),
+        "prompt_names": cfg.clip.prompt_names,
         "dataset": cfg.dataset.name,
         "class_names": class_names if class_names is not None else dataset_classes(cfg),
     }
@@ -63,14 +65,14 @@ def compute_text_embeddings(
     cfg: Config, clip_model: torch.nn.Module | None = None, tokenizer: Any = None, device: str | None = None
 ) -> tuple[torch.Tensor, list[str]]:
     """(K, C) float32 embeddings of every class of `cfg.dataset`, and the class names."""
-    from cascade_clip.model import class_embeddings, get_templates, load_clip
+    from cascade_clip.model import config_class_embeddings, load_clip
 
     if clip_model is None:
         clip_model, tokenizer = load_clip(cfg.clip)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     clip_model = clip_model.to(device).eval()
     names = dataset_classes(cfg)
-    emb = class_embeddings(clip_model, tokenizer, names, get_templates(cfg.clip.templates), device=device)
+    emb = config_class_embeddings(cfg, clip_model, tokenizer, names, device)
     return emb.float().cpu(), names
 
 

@@ -58,7 +58,7 @@ from cascade_clip.distributed import (
     wrap_ddp,
 )
 from cascade_clip.kernels import sigmoid_focal_dice_loss
-from cascade_clip.model import CascadeCLIP, TapFeatures, class_embeddings, get_templates, load_clip
+from cascade_clip.model import CascadeCLIP, TapFeatures, config_class_embeddings, load_clip
 
 IGNORE_INDEX = 255  # == cascade_clip.data.IGNORE_INDEX
 UNSEEN_INDEX = 254  # == cascade_clip.data.UNSEEN_INDEX
@@ -108,12 +108,11 @@ class ClassSplit:
 
 
 def dataset_unseen_names(cfg: Config) -> list[str]:
-    """The configured unseen class names, or the dataset registry's split."""
-    if cfg.dataset.unseen is not None:
-        return list(cfg.dataset.unseen)
-    from cascade_clip.data import get_spec
+    """The configured unseen class names: a list as given, or a registry split (the
+    paper's when `dataset.unseen` is None, another by name)."""
+    from cascade_clip.data.registry import unseen_class_names
 
-    return list(get_spec(cfg.dataset.name, cfg.dataset.root).unseen)
+    return unseen_class_names(cfg.dataset.name, cfg.dataset.unseen, cfg.dataset.root)
 
 
 def class_split(cfg: Config, setting: str, names: tuple[str, ...] | None = None) -> ClassSplit:
@@ -137,7 +136,7 @@ def text_embeddings(
     """(K_all, C) float32 class embeddings on `device`: from the text cache if given, else
     computed now with the frozen text tower and the config's template set."""
     if text_path is None:
-        return class_embeddings(clip, tokenizer, names, get_templates(cfg.clip.templates), device)
+        return config_class_embeddings(cfg, clip, tokenizer, names, device)
     from cascade_clip.text_cache import load_text_embeddings
 
     emb, cached_names = load_text_embeddings(text_path, cfg)
@@ -303,15 +302,23 @@ def build_train_dataset(cfg: Config, setting: str, cache: str | Path | None) -> 
     )
 
 
+def batch_size_per_process(cfg: Config, setting: str) -> int:
+    """train.batch_size, or self_train.batch_size for self-training when set (the release
+    self-trains VOC with 8 images per GPU, trains with 4)."""
+    if setting == "transductive" and cfg.self_train.batch_size is not None:
+        return cfg.self_train.batch_size
+    return cfg.train.batch_size
+
+
 def make_loader(
-    dataset: torch.utils.data.Dataset, cfg: Config, env: DistEnv, consumed: int
+    dataset: torch.utils.data.Dataset, cfg: Config, env: DistEnv, consumed: int, batch_size: int
 ) -> torch.utils.data.DataLoader:
     """An endless loader of this rank's share, starting after `consumed` global items."""
     sampler = ShardedInfiniteSampler(len(dataset), env.rank, env.world_size, seed=cfg.seed, start=consumed)
     workers = cfg.train.num_workers
     return torch.utils.data.DataLoader(
         SeededItems(dataset),
-        batch_size=cfg.train.batch_size,
+        batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
         pin_memory=env.device.type == "cuda",
@@ -443,7 +450,8 @@ def train(
     if dataset is None:
         dataset = build_train_dataset(cfg, setting, cache)
     tap_rows = cache_tap_rows(dataset, CascadeCLIP.tapped_blocks(cfg.model), str(cache or "dataset"))
-    if len(dataset) < cfg.train.batch_size:
+    batch_size = batch_size_per_process(cfg, setting)
+    if len(dataset) < batch_size:
         raise ValueError(f"{cache or cfg.dataset.root}: {len(dataset)} items, fewer than one batch")
 
     # 5. optimiser (the lr is set every step from `learning_rate`)
@@ -454,7 +462,7 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused)
 
     # 6. resume
-    global_batch = cfg.train.batch_size * env.world_size
+    global_batch = batch_size * env.world_size
     step, consumed, elapsed_before = 0, 0, 0.0  # consumed: items of the global sample stream
     if resume and ckpt_last.is_file():
         state = load_checkpoint(ckpt_last)
@@ -472,7 +480,7 @@ def train(
             log_line(log_path, {"step": step, "event": "resume", "world_size": env.world_size})
     elif env.is_main:
         log_path.unlink(missing_ok=True)
-    batches = iter(make_loader(dataset, cfg, env, consumed=consumed))
+    batches = iter(make_loader(dataset, cfg, env, consumed=consumed, batch_size=batch_size))
     last_saved = step if resume and ckpt_last.is_file() else None  # step held by ckpt_last.pt
 
     def save(path: Path, full: bool, elapsed: float) -> None:

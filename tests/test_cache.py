@@ -68,7 +68,7 @@ def _cfg_dict(root: Path, weights: Path, model_config: dict, **over) -> dict:
         "experiment": "tiny",
         "seed": 3,
         "clip": {"model": "tiny", "pretrained": str(weights), "model_config": model_config,
-                 "image_size": 32, "templates": "voc"},
+                 "image_size": 32, "templates": "official-single"},
         "model": {"stages": [[2, 3], [4]],
                   "decoder": {"layers": 2, "heads": 2, "ffn_dim": 64, "dropout": 0.0}},
         "dataset": {"name": "tiny", "root": str(root), "unseen": UNSEEN},
@@ -392,7 +392,7 @@ def test_text_embeddings_provenance(world, tmp_path):
     loaded, loaded_names = load_text_embeddings(path, cfg)
     assert torch.equal(loaded, emb) and loaded_names == CLASSES
     with pytest.raises(CacheMismatchError, match="'template_set'"):
-        load_text_embeddings(path, _cfg(world, **{"clip.templates": "coco"}))
+        load_text_embeddings(path, _cfg(world, **{"clip.templates": "official-multi"}))
     with pytest.raises(CacheMismatchError, match="'weights_digest'"):
         load_text_embeddings(path, config_from_dict(
             _cfg_dict(world["root"], world["weights"], dict(world["clip_config"], embed_dim=16))))

@@ -57,7 +57,8 @@ def test_registry_specs():
     assert voc.classes[0] == "aeroplane" and "background" not in voc.classes
     assert list(ctx.classes) == sorted(ctx.classes)
     assert ctx.classes[:3] == ("aeroplane", "bag", "bed") and ctx.classes[-1] == "wood"
-    assert (coco.templates, voc.templates, ctx.templates) == ("coco", "voc", "coco")
+    templates = (coco.templates, voc.templates, ctx.templates)
+    assert templates == ("official-multi", "official-single", "official-multi")
     assert DATASETS["shapes"].templates == "shapes"
     for spec, n_unseen in ((coco, 15), (voc, 5), (ctx, 10)):
         seen, unseen = resolve_split(spec)

@@ -64,7 +64,9 @@ def test_vpt_mode_trains_only_prompts(tiny_clip_config, tiny_model_config):
     with_grad = {n for n, p in model.encoder.named_parameters() if p.grad is not None}
     trainable = {n for n, p in model.encoder.named_parameters() if p.requires_grad}
     assert with_grad == trainable
-    assert with_grad and all(n.startswith("prompts.") for n in with_grad)
+    # the prompts and, as in the authors' encoder, prompt_norm
+    assert with_grad and all(n.startswith(("prompts.", "prompt_norm.")) for n in with_grad)
+    assert {"prompt_norm.weight", "prompt_norm.bias"} <= with_grad
 
 
 def test_nga_initial_weights(tiny_clip_config):

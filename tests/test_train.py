@@ -77,7 +77,11 @@ def tiny_config(root: Path, clip_config: dict, **train: object) -> Config:
     return Config(
         experiment="tiny",
         clip=ClipConfig(
-            model="tiny", pretrained=None, model_config=clip_config, image_size=32, templates="voc"
+            model="tiny",
+            pretrained=None,
+            model_config=clip_config,
+            image_size=32,
+            templates="official-single",
         ),
         model=ModelConfig(
             stages=[[2, 3], [4]],
@@ -177,10 +181,16 @@ def test_sampler_shards_one_stream_and_resumes():
 
 
 def test_checkpoint_atomic_and_config_check(tmp_path, tiny_root, tiny_clip_config):
-    from cascade_clip.checkpoint import check_model_config, load_checkpoint, save_checkpoint
+    from cascade_clip.checkpoint import (
+        CHECKPOINT_VERSION,
+        check_model_config,
+        load_checkpoint,
+        save_checkpoint,
+    )
 
     cfg = tiny_config(tiny_root, tiny_clip_config)
-    state = {"version": 1, "model": {"w": torch.ones(2)}, "config": config_to_dict(cfg), "step": 3}
+    config = config_to_dict(cfg)
+    state = {"version": CHECKPOINT_VERSION, "model": {"w": torch.ones(2)}, "config": config, "step": 3}
     path = save_checkpoint(state, tmp_path / "c.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary left behind
     loaded = load_checkpoint(path)

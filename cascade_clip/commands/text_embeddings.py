@@ -17,11 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cascade_clip.config import config_from_args
+    from cascade_clip.model import config_templates
     from cascade_clip.text_cache import compute_text_embeddings, write_text_embeddings
 
     cfg = config_from_args(args)
     emb, names = compute_text_embeddings(cfg, device=args.device)
     out = write_text_embeddings(args.out, cfg, emb, names)
-    what = f"{cfg.dataset.name}, templates {cfg.clip.templates}"
+    what = f"{cfg.dataset.name}, templates {config_templates(cfg)[0]}"
     print(f"{out}: {len(names)} classes x {emb.shape[1]} ({what})")
     return 0

@@ -4,7 +4,7 @@ from cascade_clip.model.cascade import CascadeCLIP
 from cascade_clip.model.clip_loader import load_clip
 from cascade_clip.model.encoder import TapFeatures, TappedEncoder
 from cascade_clip.model.head import CascadeHead
-from cascade_clip.model.text import class_embeddings, get_templates
+from cascade_clip.model.text import class_embeddings, config_class_embeddings, config_templates, get_templates
 
 __all__ = [
     "CascadeCLIP",
@@ -12,6 +12,8 @@ __all__ = [
     "TapFeatures",
     "TappedEncoder",
     "class_embeddings",
+    "config_class_embeddings",
+    "config_templates",
     "get_templates",
     "load_clip",
 ]

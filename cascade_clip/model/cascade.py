@@ -27,6 +27,8 @@ class CascadeCLIP(nn.Module):
             tap_seed=cfg.tap_seed,
             mode=cfg.encoder_mode,
             vpt_tokens=cfg.vpt_tokens,
+            cls_token=cfg.cls_token,
+            prompt_norm=cfg.vpt_prompt_norm,
         )
         self.head = CascadeHead(cfg, self.encoder.embed_dim)
 

@@ -149,16 +149,19 @@ def load_clip(cfg: ClipConfig) -> tuple[torch.nn.Module, Any]:
             model = open_clip.create_model(cfg.model, pretrained=pretrained, **kwargs)
         tokenizer = open_clip.get_tokenizer(cfg.model)
     model.eval()
-    resize_positional_embedding(model.visual, cfg.image_size)
+    resize_positional_embedding(model.visual, cfg.image_size, cfg.pos_resize)
     return model, tokenizer
 
 
-def resize_positional_embedding(visual: torch.nn.Module, image_size: int) -> None:
+def resize_positional_embedding(visual: torch.nn.Module, image_size: int, mode: str = "bilinear") -> None:
     """Resize a ViT's learned positional embedding in place to `image_size`'s patch grid.
 
-    The class position is kept; the grid part is resampled bicubically. ViT-B/16 at 512
-    goes from 14x14 to 32x32.
+    The class position is kept; the grid part is resampled with `mode` ("bilinear", as the
+    authors' release, or "bicubic"), align_corners false. ViT-B/16 at 512 goes from 14x14
+    to 32x32.
     """
+    if mode not in ("bilinear", "bicubic"):
+        raise ValueError(f"clip.pos_resize must be 'bilinear' or 'bicubic', got {mode!r}")
     patch = visual.conv1.kernel_size[0]
     if image_size % patch:
         raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch}")
@@ -171,7 +174,7 @@ def resize_positional_embedding(visual: torch.nn.Module, image_size: int) -> Non
         cls_pos, grid_pos = pos[:1], pos[1:]
         grid_pos = grid_pos.reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2)
         grid_pos = F.interpolate(
-            grid_pos.float(), size=(new_grid, new_grid), mode="bicubic", align_corners=False
+            grid_pos.float(), size=(new_grid, new_grid), mode=mode, align_corners=False
         )
         grid_pos = grid_pos.permute(0, 2, 3, 1).reshape(new_grid * new_grid, -1).to(pos.dtype)
         visual.positional_embedding = torch.nn.Parameter(

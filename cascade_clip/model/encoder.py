@@ -3,8 +3,10 @@
 `TappedEncoder` runs an open_clip `VisionTransformer` block by block and returns, for
 every tapped block, its patch tokens projected to the joint embedding and L2-normalised,
 plus the image's global token. In `vpt` mode it inserts learned deep prompt tokens before
-every block (the only trainable parameters); in `frozen` mode it has none, so its output
-can be cached once (cascade_clip.cache).
+every block and, as the authors' release, normalises every tapped hidden state and the
+last block's output with one trainable LayerNorm (`prompt_norm`); these are the only
+trainable parameters. In `frozen` mode it has none, so its output can be cached once
+(cascade_clip.cache).
 """
 
 from __future__ import annotations
@@ -73,6 +75,11 @@ class TappedEncoder(nn.Module):
         tap_projection: "random" (seeded, fixed) or "clip" (reuse ln_post/proj) for blocks
             before the last; the last block always uses CLIP's own ln_post/proj.
         mode: "frozen" or "vpt".
+        cls_token: "standard" (CLIP's CLS input: class_embedding + pos[0]) or "official"
+            (2 x class_embedding + pos[0], as the authors' encoder adds it twice).
+        prompt_norm: vpt only; a trainable LayerNorm (eps 1e-6) applied to each tapped
+            hidden state before its projection and to the last block's output before
+            ln_post/proj, as in the authors' encoder.
     """
 
     def __init__(
@@ -83,6 +90,8 @@ class TappedEncoder(nn.Module):
         tap_seed: int = 0,
         mode: str = "frozen",
         vpt_tokens: int = 50,
+        cls_token: str = "standard",
+        prompt_norm: bool = False,
     ):
         super().__init__()
         self.visual = visual
@@ -94,10 +103,13 @@ class TappedEncoder(nn.Module):
             raise ValueError(f"tap_projection must be 'random' or 'clip', got {tap_projection!r}")
         if mode not in ("frozen", "vpt"):
             raise ValueError(f"encoder mode must be 'frozen' or 'vpt', got {mode!r}")
+        if cls_token not in ("standard", "official"):
+            raise ValueError(f"cls_token must be 'standard' or 'official', got {cls_token!r}")
         if visual.proj is None:
             raise ValueError("the vision tower has no output projection (proj); cannot tap it")
         self.blocks = list(blocks)
         self.mode = mode
+        self.cls_scale = 2.0 if cls_token == "official" else 1.0
         self.width = visual.conv1.out_channels
         self.embed_dim = visual.proj.shape[1]
         self.patch_size = visual.conv1.kernel_size[0]
@@ -114,6 +126,7 @@ class TappedEncoder(nn.Module):
         self.prompts = (
             DeepPrompts(self.depth, vpt_tokens, self.width, self.patch_size) if mode == "vpt" else None
         )
+        self.prompt_norm = nn.LayerNorm(self.width, eps=1e-6) if mode == "vpt" and prompt_norm else None
 
     def train(self, mode: bool = True) -> TappedEncoder:
         super().train(mode)
@@ -127,12 +140,17 @@ class TappedEncoder(nn.Module):
             x = self.visual.ln_post(tokens) @ self.visual.proj
         return F.normalize(x, dim=-1)
 
+    def _norm(self, tokens: torch.Tensor) -> torch.Tensor:
+        """prompt_norm (vpt) on hidden states; a per-token LayerNorm, so applying it to the
+        patch tokens alone equals the release's whole-sequence call."""
+        return tokens if self.prompt_norm is None else self.prompt_norm(tokens)
+
     def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         v = self.visual
         x = v.conv1(images.to(v.conv1.weight.dtype))  # (B, W, h, w)
         grid = (x.shape[-2], x.shape[-1])
         x = x.flatten(2).transpose(1, 2)  # (B, N, W)
-        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        cls = (self.cls_scale * v.class_embedding).to(x.dtype).expand(x.shape[0], 1, -1)
         pos = v.positional_embedding.to(x.dtype)
         if pos.shape[0] != grid[0] * grid[1] + 1:
             raise ValueError(
@@ -157,7 +175,7 @@ class TappedEncoder(nn.Module):
                 x = torch.cat([x[:, :1], self.prompts(i, batch).to(x.dtype), patches], dim=1)
             x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
             if i + 1 in wanted:
-                taps[i + 1] = self._project(i + 1, x[:, -n_patch:])
-        global_token = F.normalize(self.visual.ln_post(x[:, 0]) @ self.visual.proj, dim=-1)
+                taps[i + 1] = self._project(i + 1, self._norm(x[:, -n_patch:]))
+        global_token = F.normalize(self.visual.ln_post(self._norm(x[:, 0])) @ self.visual.proj, dim=-1)
         stacked = torch.stack([taps[b] for b in self.blocks])  # (L, B, N, C)
         return TapFeatures(taps=stacked, global_token=global_token, grid=grid)

@@ -85,12 +85,17 @@ class StageDecoder(nn.Module):
     weights, and dead weights break DDP's gradient bookkeeping).
     """
 
-    def __init__(self, dim: int, heads: int, layers: int, ffn_dim: int, dropout: float):
+    def __init__(
+        self, dim: int, heads: int, layers: int, ffn_dim: int, dropout: float, input_adapter: bool = False
+    ):
         super().__init__()
         if dim % heads:
             raise ValueError(f"decoder width {dim} is not divisible by {heads} heads")
-        self.input_proj = nn.Linear(dim, dim)
-        self.input_norm = nn.LayerNorm(dim)
+        # The authors' decoder reads the fused, L2-normalised CLIP tokens as they are; the
+        # adapter (Linear + LayerNorm) is this project's option (model.decoder.input_adapter).
+        self.input_adapter = (
+            nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim)) if input_adapter else nn.Identity()
+        )
         self.layers = nn.ModuleList([DecoderLayer(dim, heads, ffn_dim, dropout) for _ in range(layers - 1)])
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
@@ -99,7 +104,7 @@ class StageDecoder(nn.Module):
 
     def forward(self, queries: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """queries (B, K, D), pixels (B, N, D) -> the last layer's projected (q, k)."""
-        pixels = self.input_norm(self.input_proj(pixels))
+        pixels = self.input_adapter(pixels)
         for layer in self.layers:
             queries = layer(queries, pixels)
         return self.q_proj(queries), self.k_proj(pixels)
@@ -131,7 +136,10 @@ class CascadeHead(nn.Module):
             raise ValueError(f"query_projection must be independent or shared, got {cfg.query_projection!r}")
         self.query_projs = nn.ModuleList([nn.Linear(in_dim, width) for _ in range(num_proj)])
         self.decoders = nn.ModuleList(
-            [StageDecoder(width, dec.heads, dec.layers, dec.ffn_dim, dec.dropout) for _ in self.stage_sizes]
+            [
+                StageDecoder(width, dec.heads, dec.layers, dec.ffn_dim, dec.dropout, dec.input_adapter)
+                for _ in self.stage_sizes
+            ]
         )
         self.scale = self.decoders[0].scale
 

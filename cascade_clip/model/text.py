@@ -3,12 +3,35 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-# The 15-template set used for COCO-Stuff and PASCAL Context (ViLD-style scene prompts).
-COCO_TEMPLATES = (
+from cascade_clip.config import Config
+
+# The authors' 15 templates for COCO-Stuff and PASCAL Context, in their order.
+OFFICIAL_MULTI = (
+    "a photo of a {}.",
+    "a photo of a small {}.",
+    "a photo of a medium {}.",
+    "a photo of a large {}.",
+    "This is a photo of a {}.",
+    "This is a photo of a small {}.",
+    "This is a photo of a medium {}.",
+    "This is a photo of a large {}.",
+    "a {} in the scene.",
+    "a photo of a {} in the scene.",
+    "There is a {} in the scene.",
+    "There is the {} in the scene.",
+    "This is a {} in the scene.",
+    "This is the {} in the scene.",
+    "This is one {} in the scene.",
+)
+# The authors' VOC template, also for VOC as a cross-dataset target: no period.
+OFFICIAL_SINGLE = ("a photo of a {}",)
+# This project's earlier sets (11 of its 15 are in OFFICIAL_MULTI), kept by name.
+LEGACY_MULTI = (
     "a photo of a {}.",
     "This is a photo of a {}.",
     "There is a {} in the scene.",
@@ -25,25 +48,68 @@ COCO_TEMPLATES = (
     "There is a large {} in the scene.",
     "a photo of the {}.",
 )
-VOC_TEMPLATES = ("a photo of a {}.",)
+LEGACY_SINGLE = ("a photo of a {}.",)
+
+TEMPLATE_SETS = {
+    "official-multi": OFFICIAL_MULTI,
+    "official-single": OFFICIAL_SINGLE,
+    "legacy-multi": LEGACY_MULTI,
+    "legacy-single": LEGACY_SINGLE,
+}
+# `clip.templates: dataset` takes the dataset's own set from the registry.
+DATASET_TEMPLATES = "dataset"
+
+
+def template_set_name(templates: str, dataset: str) -> str:
+    """The template set a config means: `templates`, or the registry's set of `dataset`
+    when `templates` is "dataset"."""
+    if templates != DATASET_TEMPLATES:
+        return templates
+    from cascade_clip.data.registry import dataset_template_set
+
+    return dataset_template_set(dataset)
 
 
 def get_templates(name: str) -> tuple[str, ...]:
-    """Template set by name: "coco" (15), "voc" (1), "shapes" (the demo world's own)."""
-    if name == "coco":
-        return COCO_TEMPLATES
-    if name == "voc":
-        return VOC_TEMPLATES
+    """Template set by name: official-multi (15), official-single (1), legacy-multi,
+    legacy-single, or shapes (the demo world's own)."""
+    if name in TEMPLATE_SETS:
+        return TEMPLATE_SETS[name]
     if name == "shapes":
         from cascade_clip.data.shapes import SHAPES_TEMPLATES
 
         return tuple(SHAPES_TEMPLATES)
-    raise ValueError(f"unknown template set {name!r}; expected coco, voc or shapes")
+    known = [*TEMPLATE_SETS, "shapes", DATASET_TEMPLATES]
+    raise ValueError(f"unknown template set {name!r}; expected one of {known}")
 
 
-def prompt_name(class_name: str) -> str:
-    """Dataset names like "wall-concrete" or "potted_plant" read better as words."""
-    return class_name.replace("-other", "").replace("-", " ").replace("_", " ")
+def prompt_name(class_name: str, style: str = "raw") -> str:
+    """The class name as it goes into a template: "raw" keeps the dataset's name (as the
+    release: "wall-concrete"); "readable" turns "wall-concrete" / "potted_plant" into words
+    and drops "-other"."""
+    if style == "raw":
+        return class_name
+    if style == "readable":
+        return class_name.replace("-other", "").replace("-", " ").replace("_", " ")
+    raise ValueError(f"clip.prompt_names must be 'raw' or 'readable', got {style!r}")
+
+
+def config_templates(cfg: Config) -> tuple[str, tuple[str, ...]]:
+    """(set name, templates) that `cfg` embeds its classes with."""
+    name = template_set_name(cfg.clip.templates, cfg.dataset.name)
+    return name, get_templates(name)
+
+
+def config_class_embeddings(
+    cfg: Config,
+    clip_model: torch.nn.Module,
+    tokenizer: Any,
+    class_names: Sequence[str],
+    device: torch.device | str,
+) -> torch.Tensor:
+    """class_embeddings with the config's template set and class-name style."""
+    _, templates = config_templates(cfg)
+    return class_embeddings(clip_model, tokenizer, class_names, templates, device, cfg.clip.prompt_names)
 
 
 @torch.no_grad()
@@ -53,6 +119,7 @@ def class_embeddings(
     class_names: Sequence[str],
     templates: Sequence[str],
     device: torch.device | str = "cpu",
+    names_style: str = "raw",
 ) -> torch.Tensor:
     """(K, C) float32: per class, the mean of its L2-normalised prompt embeddings, re-normalised."""
     if not class_names:
@@ -61,7 +128,7 @@ def class_embeddings(
         raise ValueError("empty template list")
     out = []
     for name in class_names:
-        tokens = tokenizer([t.format(prompt_name(name)) for t in templates]).to(device)
+        tokens = tokenizer([t.format(prompt_name(name, names_style)) for t in templates]).to(device)
         emb = F.normalize(clip_model.encode_text(tokens).float(), dim=-1)
         out.append(F.normalize(emb.mean(0), dim=-1))
     return torch.stack(out)
