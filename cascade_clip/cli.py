@@ -27,6 +27,7 @@ COMMANDS = {
     "train": "cascade_clip.commands.train",
     "evaluate": "cascade_clip.commands.evaluate",
     "predict": "cascade_clip.commands.predict",
+    "import-official": "cascade_clip.commands.import_official",
     "report": "cascade_clip.commands.report",
     "gpu-run": "cascade_clip.commands.gpu_run",
 }
