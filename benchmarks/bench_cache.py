@@ -22,10 +22,15 @@ test run. ``CASCADE_CLIP_BENCH_FULL=1`` switches to a ViT-B/16-shaped random enc
 
     python -m pytest benchmarks/bench_cache.py --benchmark-enable
     CASCADE_CLIP_BENCH_FULL=1 python -m pytest benchmarks/bench_cache.py --benchmark-enable
+
+Each case also checks what it measured: stored features read back equal, a rewritten shard
+equals the first, every cached item is read, the cached and online batches carry the same
+labels, a step's loss is finite and moves the head, the encoder reproduces the cached taps.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -169,10 +174,13 @@ def test_storage(benchmark, env, features, codec):
     benchmark.pedantic(write, rounds=SETUP.rounds, iterations=1)
     t0 = time.perf_counter()
     with h5py.File(path) as f:
-        for r in range(m):
-            f["taps"][r]
+        back = [f["taps"][r] for r in range(m)]
         stored = f["taps"].id.get_storage_size() + f["global_token"].id.get_storage_size()
+        glob_back = f["global_token"][:]
     read_s = time.perf_counter() - t0
+    assert all(np.array_equal(b, t) for b, t in zip(back, taps)) and np.array_equal(glob_back, glob)
+    raw = taps.nbytes + glob.nbytes
+    assert 0 < stored <= raw if codec == "none" else 0 < stored
     _record(benchmark, codec=codec, views=m, bytes_per_view=stored / m,
             raw_bytes_per_view=taps[0].nbytes + glob[0].nbytes, write_views_per_s=m / median(times),
             read_views_per_s=m / read_s)
@@ -191,6 +199,11 @@ def test_write_shard(benchmark, env):
         times.append(time.perf_counter() - t0)
 
     benchmark.pedantic(write, rounds=max(1, SETUP.rounds // 2), iterations=1)
+    with h5py.File(out) as new, h5py.File(env["shard"]) as first:
+        assert new["taps"].shape[0] == SETUP.num_images * SETUP.views
+        # the same config, model and views: the same features, bit for bit
+        assert np.array_equal(new["taps"][:], first["taps"][:])
+        assert np.array_equal(new["global_token"][:], first["global_token"][:])
     seconds = median(times)
     _record(benchmark, images=SETUP.num_images, views=SETUP.num_images * SETUP.views,
             images_per_s=SETUP.num_images / seconds, views_per_s=SETUP.num_images * SETUP.views / seconds)
@@ -199,15 +212,20 @@ def test_write_shard(benchmark, env):
 def test_read_cache(benchmark, env):
     ds = cache.FeatureCacheDataset(env["shard"], env["cfg"], mode="fully_supervised")
 
-    times = []
+    times, counts = [], []
 
     def read() -> None:
         t0 = time.perf_counter()
-        for _ in DataLoader(ds, batch_size=SETUP.batch, num_workers=0):
-            pass
+        n = 0
+        for batch in DataLoader(ds, batch_size=SETUP.batch, num_workers=0):
+            n += len(batch["taps"])
+            assert torch.isfinite(batch["taps"]).all()
         times.append(time.perf_counter() - t0)
+        counts.append(n)
 
     benchmark.pedantic(read, rounds=SETUP.rounds, iterations=1)
+    assert len(ds) == SETUP.num_images * SETUP.views
+    assert counts and all(n == len(ds) for n in counts)
     _record(benchmark, items=len(ds), items_per_s=len(ds) / median(times))
 
 
@@ -239,7 +257,15 @@ def _batch_sources(env):
 def test_load_batch(benchmark, env, source):
     load_cached, load_online = _batch_sources(env)
     fn = load_cached if source == "cached" else load_online
-    benchmark.pedantic(fn, rounds=SETUP.rounds, iterations=1)
+    batch = benchmark.pedantic(fn, rounds=SETUP.rounds, iterations=1)
+    crop = env["cfg"].train.augment.crop_size
+    assert batch["label"].shape == (SETUP.batch, crop, crop)
+    other = load_online() if source == "cached" else load_cached()
+    assert torch.equal(batch["label"], other["label"])  # the same views both ways
+    if source == "cached":
+        assert batch["taps"].shape[:2] == (SETUP.batch, len(env["model"].tapped_blocks(env["cfg"].model)))
+    else:
+        assert batch["image"].shape == (SETUP.batch, 3, crop, crop)
     _record(benchmark, source=source, batch=SETUP.batch)
 
 
@@ -259,7 +285,9 @@ def test_step(benchmark, env, source):
     feats = type(feats)(feats.taps.to(DEVICE), feats.global_token.to(DEVICE), feats.grid)
     images, target, text = online["image"].to(DEVICE), target.to(DEVICE), text.to(DEVICE)
 
-    times = []
+    times, losses = [], []
+    params = [p for p in model.head.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
 
     def step() -> None:
         t0 = time.perf_counter()
@@ -276,25 +304,34 @@ def test_step(benchmark, env, source):
         opt.step()
         _sync()
         times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
 
     benchmark.pedantic(step, rounds=SETUP.rounds, iterations=1, warmup_rounds=1)
     model.eval()
+    assert losses and all(math.isfinite(v) and v > 0 for v in losses), losses
+    moved = any(not torch.equal(p.detach(), b) for p, b in zip(params, before))
+    assert moved, "the step left the head as it was"
     _record(benchmark, source=source, batch=SETUP.batch, queries=SETUP.queries, step_s=median(times),
             device=str(DEVICE))
 
 
 def test_encoder_forward(benchmark, env):
     """What the cache removes from every step: the frozen encoder on one batch of views."""
-    _, load_online = _batch_sources(env)
+    load_cached, load_online = _batch_sources(env)
     images = load_online()["image"].to(DEVICE)
-    model, times = env["model"], []
+    model, times, out = env["model"], [], []
 
     def encode() -> None:
         t0 = time.perf_counter()
         with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=AMP):
-            model.encode(images)
+            out[:] = [model.encode(images)]
         _sync()
         times.append(time.perf_counter() - t0)
 
     benchmark.pedantic(encode, rounds=SETUP.rounds, iterations=1)
+    # what the cache holds for these views: the encoder's taps, up to fp16 storage (and bf16
+    # autocast on a GPU); every token's direction agrees
+    cached = cache.to_tap_features(load_cached())
+    cos = torch.nn.functional.cosine_similarity(out[0].taps.float().cpu(), cached.taps, dim=-1)
+    assert out[0].taps.shape == cached.taps.shape and cos.min() > 0.99, cos.min().item()
     _record(benchmark, batch=SETUP.batch, forward_s=median(times))

@@ -18,6 +18,11 @@ the interpreter, so run::
 
 (the Triton cases skip, saying so, when the interpreter is on). Normal test runs collect
 this file with ``--benchmark-disable`` and run each case once.
+
+Each case then checks what it timed (``verify``): the output of the timed function and the
+gradients its last timed call left on the inputs match an fp64 oracle on the same inputs
+(a plain einsum for NGA and the similarity, the reference loss), with a finite result and
+nonzero gradients; the copy case checks the copy.
 """
 
 from __future__ import annotations
@@ -182,6 +187,62 @@ def skip_reason(impl: str) -> str | None:
     return None
 
 
+# Relative L2 error a case may show against the fp64 oracle, by the dtype it ran in.
+TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 3e-2}
+OUT_SHAPES = {
+    "nga": lambda sh: (sh.B, sh.N, sh.C),
+    "similarity": lambda sh: (sh.B, sh.K, sh.N),
+    "loss": lambda sh: (),
+}
+
+
+def oracle(kernel: str, *args):
+    """The kernel's result computed independently of the implementations under test, in the
+    arguments' dtype (the checks pass fp64): NGA and the similarity as explicit weighted /
+    per-stage sums; the loss is the reference (it computes in fp32 whatever its input)."""
+    if kernel == "nga":
+        feats, weights = args
+        return (weights.view(-1, 1, 1, 1) * feats).sum(0)
+    if kernel == "similarity":
+        pixels, queries, scale = args
+        return sum(queries[s] @ pixels[s].transpose(-1, -2) for s in range(pixels.shape[0])) * scale
+    if kernel == "loss":
+        return K.sigmoid_focal_dice_loss_reference(*args)
+    raise ValueError(kernel)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def verify(kernel: str, impl: str, inputs: dict, sh: Shapes, backward: bool) -> None:
+    """The timed (kernel, impl) computes the kernel: its output on the benchmark's inputs,
+    and (with `backward`) the gradients the last timed call left on them, match the oracle."""
+    dtype = inputs["leaves"][0].dtype
+    with torch.no_grad():
+        out = implementation(kernel, impl)(*inputs["args"])
+    ref_args = tuple(
+        a.detach().double().requires_grad_() if isinstance(a, torch.Tensor) and a.requires_grad else a
+        for a in inputs["args"]
+    )
+    ref = oracle(kernel, *ref_args)
+    assert tuple(out.shape) == OUT_SHAPES[kernel](sh), (kernel, impl, tuple(out.shape))
+    assert torch.isfinite(out).all(), (kernel, impl)
+    err = rel_err(out, ref)
+    assert err < TOL[dtype], f"{kernel}-{impl} output: relative error {err:.2e} vs the oracle"
+    if not backward:
+        return
+    grad = inputs["grad"]
+    ref.backward(None if grad is None else grad.double())
+    ref_leaves = [a for a in ref_args if isinstance(a, torch.Tensor) and a.requires_grad]
+    for i, (leaf, ref_leaf) in enumerate(zip(inputs["leaves"], ref_leaves)):
+        assert leaf.grad is not None, f"{kernel}-{impl}: no gradient for input {i}"
+        assert torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0, (kernel, impl, i)
+        err = rel_err(leaf.grad, ref_leaf.grad)
+        assert err < TOL[dtype], f"{kernel}-{impl} gradient {i}: relative error {err:.2e} vs the oracle"
+
+
 def peak_memory(run: Callable[[], None]) -> dict:
     """Peak device memory of one call above what was allocated before it (GPU only)."""
     if not ON_GPU:
@@ -214,6 +275,8 @@ def _bench(benchmark, kernel: str, impl: str, backward: bool) -> None:
     )
     benchmark.extra_info.update(peak_memory(run))
     benchmark(run)
+    assert benchmark.extra_info["min_bytes"] > 0
+    verify(kernel, impl, inputs, sh, backward)
 
 
 @pytest.mark.parametrize(
@@ -244,7 +307,9 @@ def test_copy_ceiling(benchmark):
     run()
     benchmark.group = "nga-fwd"
     benchmark.extra_info.update({"min_bytes": 2 * src.numel() * src.element_size()})
+    dst.zero_()
     benchmark(run)
+    assert torch.equal(dst, src) and src.abs().sum() > 0
 
 
 def test_triton_and_reference_agree_here():

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import threading
 import time
@@ -189,9 +190,13 @@ class PeakMemory:
             self.peak_mb = max(0, max(peak[0], self._rss()) - base) / 2**20
 
 
-def last_interval(log: Path) -> dict[str, Any]:
+def loss_records(log: Path) -> list[dict[str, Any]]:
     records = [json.loads(line) for line in log.read_text().splitlines()]
-    return [r for r in records if "loss" in r][-1]
+    return [r for r in records if "loss" in r]
+
+
+def last_interval(log: Path) -> dict[str, Any]:
+    return loss_records(log)[-1]
 
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
@@ -229,7 +234,10 @@ def test_train(benchmark, world, path, kernels, monkeypatch):
         }
     )
     print(f"\n[bench_train] {SETUP.name} {path} kernels={kernels}: {benchmark.extra_info}")
-    assert rec["step"] == cfg.train.iters and rec["loss"] == rec["loss"]  # finite, not NaN
+    assert rec["step"] == cfg.train.iters
+    losses = [r["loss"] for r in loss_records(out / "log.jsonl")]
+    assert len(losses) == 2 and all(math.isfinite(v) and v > 0 for v in losses), losses
+    assert math.isfinite(rec["it_s"]) and rec["it_s"] > 0
 
 
 def test_evaluate(benchmark, world):
@@ -257,3 +265,7 @@ def test_evaluate(benchmark, world):
     )
     print(f"\n[bench_train] {SETUP.name} evaluate: {benchmark.extra_info}")
     assert metrics["num_images"] == SETUP.num_val
+    assert math.isfinite(metrics["images_per_s"]) and metrics["images_per_s"] > 0
+    # the val images hold seen classes, so the seen mIoU exists, in percent
+    assert math.isfinite(metrics["miou_seen"]) and 0 <= metrics["miou_seen"] <= 100
+    assert (world["tmp"] / "eval" / "metrics.json").is_file()

@@ -6,7 +6,9 @@
 # online head step at ViT-B/16@512 (bench_cache.py), the kernel tests compiled plus the
 # torchrun/NCCL/bf16 training test, training throughput at paper size (bench_train.py), and
 # last the kernels against torch.compile of their references.
-# Every step's output lands in $OUT (default ./gpu_results).
+# Every step's output lands in $OUT (default ./gpu_results). Every step runs whatever the
+# others did; a step that fails or runs out of time is remembered, and the script ends with
+# exit status 1 and the list of failed steps ($OUT/failed_steps.txt), or 0 if all passed.
 #
 #   bash benchmarks/gpu_session.sh             # on the GPU machine, from the repository root
 #   SMOKE=1 bash benchmarks/gpu_session.sh     # no GPU: the same flow at tiny sizes
@@ -28,15 +30,24 @@ if ! python3 -c "import cascade_clip.kernels" 2>/dev/null; then
     export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
+failed=()  # "NAME (exit N)" of every step that did not succeed
+fail() {  # fail NAME RC: remember a failed step
+    local why="exit $2"
+    [ "$2" = 124 ] && why="timed out"
+    failed+=("$1 ($why)")
+}
+
+: >"$OUT/device.txt"
 if [ "$SMOKE" = 1 ]; then
     full=0 check_args=--cpu-smoke
     export TRITON_INTERPRET=1
 else
     full=1 check_args=
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >"$OUT/device.txt"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >"$OUT/device.txt" \
+        || fail nvidia-smi $?
 fi
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
-    >>"$OUT/device.txt" 2>&1
+    >>"$OUT/device.txt" 2>&1 || fail versions $?
 
 step() {  # step NAME SECONDS COMMAND...: output to $OUT/NAME.txt, its tail to the console
     local name=$1 limit=$2 start=$SECONDS rc
@@ -46,6 +57,8 @@ step() {  # step NAME SECONDS COMMAND...: output to $OUT/NAME.txt, its tail to t
     rc=$?
     echo "== $name: exit $rc after $((SECONDS - start)) s"
     tail -n "${TAIL:-30}" "$OUT/$name.txt"
+    [ "$rc" = 0 ] || fail "$name" "$rc"
+    return 0
 }
 
 pytest_bench=(python3 -m pytest -p no:cacheprovider -q --benchmark-enable --benchmark-columns=min,median,rounds)
@@ -56,5 +69,15 @@ step tests_gpu 200 python3 -m pytest -p no:cacheprovider -q tests/test_kernels.p
 step bench_train 100 env CASCADE_CLIP_BENCH_FULL=$full "${pytest_bench[@]}" -s benchmarks/bench_train.py \
     --benchmark-json="$OUT/bench_train.json"
 # Last, as it is the slowest (Inductor compiles each case): torch.compile of the references.
-[ "$SMOKE" = 1 ] || [ "${COMPILE:-1}" = 0 ] || step gpu_check_compile 120 python3 benchmarks/gpu_check.py
+if [ "$SMOKE" != 1 ] && [ "${COMPILE:-1}" != 0 ]; then
+    step gpu_check_compile 120 python3 benchmarks/gpu_check.py
+fi
 cat "$OUT/device.txt"
+
+if [ "${#failed[@]}" -gt 0 ]; then
+    printf '%s\n' "${failed[@]}" >"$OUT/failed_steps.txt"
+    echo "== FAILED: ${#failed[@]} step(s): ${failed[*]}" >&2
+    exit 1
+fi
+rm -f "$OUT/failed_steps.txt"
+echo "== all steps passed"
