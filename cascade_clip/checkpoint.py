@@ -10,6 +10,7 @@ weights_only=True)` can read it without executing code):
     classes      all class names of the training dataset (train-id order)
     unseen       the unseen class names
     setting      "inductive" | "transductive" | "fully_supervised"
+    clip_weights the frozen CLIP's weights digest (cascade_clip.cache.weights_digest)
   and, in a resumable checkpoint (ckpt_last.pt) only:
     optimizer    AdamW state_dict
     scheduler    {"name": "warmup_poly", "step": step} (the lr is a function of the step)
@@ -22,6 +23,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +116,39 @@ def check_model_config(state: dict[str, Any], cfg: Config, path: str | Path) -> 
     diffs = config_differences(state["config"], config_to_dict(cfg))
     if diffs:
         raise ValueError(f"{path}: checkpoint is from a different model config: {'; '.join(diffs)}")
+
+
+def check_checkpoint(
+    state: dict[str, Any],
+    cfg: Config,
+    path: str | Path,
+    classes: Sequence[str] | None = None,
+    unseen: Sequence[str] | None = None,
+) -> None:
+    """Refuse a checkpoint that does not fit `cfg`: another model config, another frozen
+    CLIP (by weights digest), or, when given, another class list or unseen split."""
+    from cascade_clip.cache import weights_digest
+
+    check_model_config(state, cfg, path)
+    saved = state.get("clip_weights")
+    if saved is not None:
+        current = weights_digest(cfg.clip)
+        if saved != current:
+            raise ValueError(
+                f"{path}: trained on another CLIP (weights {saved}); the config loads {current} "
+                "(clip.model / clip.pretrained / clip.model_config)"
+            )
+    if classes is not None and "classes" in state and list(state["classes"]) != list(classes):
+        raise ValueError(
+            f"{path}: trained on classes {list(state['classes'])[:4]}... ({len(state['classes'])}); "
+            f"dataset {cfg.dataset.name} has {list(classes)[:4]}... ({len(classes)}) "
+            "(dataset.name / dataset.root)"
+        )
+    if unseen is not None and "unseen" in state and sorted(state["unseen"]) != sorted(unseen):
+        raise ValueError(
+            f"{path}: trained with unseen classes {sorted(state['unseen'])}; the config's are "
+            f"{sorted(unseen)} (dataset.unseen)"
+        )
 
 
 def rng_state() -> dict[str, Any]:

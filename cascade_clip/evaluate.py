@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cascade_clip.checkpoint import check_model_config, load_checkpoint
+from cascade_clip.checkpoint import check_checkpoint, load_checkpoint
 from cascade_clip.config import Config
 from cascade_clip.distributed import DistEnv, all_reduce_max, all_reduce_sum, init_distributed
 from cascade_clip.inference import calibrate, predict_labels, sliding_window_scores
@@ -84,7 +84,7 @@ def load_model(
     state = None
     if baseline is None:
         state = load_checkpoint(checkpoint)
-        check_model_config(state, cfg, checkpoint)
+        check_checkpoint(state, cfg, checkpoint)
     clip, tokenizer = load_clip(cfg.clip)
     clip.to(device)
     if baseline == "dense":
@@ -263,13 +263,6 @@ def evaluate(
         missing = sorted(set(unseen_names) - set(names))
         raise ValueError(f"{cfg.dataset.root}: unseen class(es) {missing} are not classes of the dataset")
     seen_ids = [i for i in range(len(names)) if i not in unseen_ids]
-    if baseline is not None:
-        setting = f"frozen CLIP ({baseline})"
-    elif cross_dataset:
-        setting = "cross-dataset"
-    else:
-        setting = cfg.train.setting
-    calibration = cfg.model.seen_calibration if setting == "inductive" else 0.0
 
     # 3. model and class text embeddings (every class is a query at evaluation)
     if cfg.evaluate.crop_size != cfg.clip.image_size:
@@ -277,6 +270,17 @@ def evaluate(
             f"evaluate.crop_size {cfg.evaluate.crop_size} must equal clip.image_size {cfg.clip.image_size}"
         )
     model, clip, tokenizer, state = load_model(cfg, checkpoint, baseline, env.device)
+    if state is not None and not cross_dataset:
+        check_checkpoint(state, cfg, checkpoint, names, unseen_names)
+    # The setting is the checkpoint's own (a self-trained model gets no seen calibration,
+    # whatever the config says).
+    if baseline is not None:
+        setting = f"frozen CLIP ({baseline})"
+    elif cross_dataset:
+        setting = "cross-dataset"
+    else:
+        setting = state.get("setting", cfg.train.setting)
+    calibration = cfg.model.seen_calibration if setting == "inductive" else 0.0
     queries = text_embeddings(cfg, names, text, clip, tokenizer, env.device)  # (K, C)
     amp = cfg.train.amp and env.device.type == "cuda"
     logits_fn = make_logits_fn(model, queries, amp, env.device)

@@ -40,9 +40,10 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+from cascade_clip.cache import weights_digest
 from cascade_clip.checkpoint import (
     CHECKPOINT_VERSION,
-    check_model_config,
+    check_checkpoint,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -349,7 +350,13 @@ def model_inputs(batch: dict[str, Any], device: torch.device, tap_rows: list[int
 
 
 def checkpoint_state(
-    model: CascadeCLIP, cfg: Config, split: ClassSplit, setting: str, step: int, elapsed: float
+    model: CascadeCLIP,
+    cfg: Config,
+    split: ClassSplit,
+    setting: str,
+    step: int,
+    elapsed: float,
+    clip_weights: str,
 ) -> dict[str, Any]:
     """The weights-only part of a checkpoint (what evaluation and --init need)."""
     return {
@@ -361,6 +368,7 @@ def checkpoint_state(
         "unseen": split.unseen_names,
         "setting": setting,
         "elapsed": elapsed,
+        "clip_weights": clip_weights,
     }
 
 
@@ -434,12 +442,13 @@ def train(
         )
     clip, tokenizer = load_clip(cfg.clip)
     clip.to(env.device)
+    clip_digest = weights_digest(cfg.clip)  # recorded in every checkpoint
     text_all = text_embeddings(cfg, split.names, text, clip, tokenizer, env.device)
     queries = text_all[list(split.queries)]  # (K, C)
     model = CascadeCLIP(clip, cfg.model).to(env.device)  # holds clip.visual only
     if init is not None and not (resume and ckpt_last.is_file()):
         state = load_checkpoint(init)
-        check_model_config(state, cfg, init)
+        check_checkpoint(state, cfg, init, split.names, split.unseen_names)
         model.load_trainable_state_dict(state["model"])
     model.train()
     step_module: nn.Module = TrainStep(model)
@@ -466,7 +475,7 @@ def train(
     step, consumed, elapsed_before = 0, 0, 0.0  # consumed: items of the global sample stream
     if resume and ckpt_last.is_file():
         state = load_checkpoint(ckpt_last)
-        check_model_config(state, cfg, ckpt_last)
+        check_checkpoint(state, cfg, ckpt_last, split.names, split.unseen_names)
         if state["setting"] != setting:
             raise ValueError(f"{ckpt_last}: written by a {state['setting']} run, this run is {setting}")
         model.load_trainable_state_dict(state["model"])
@@ -490,7 +499,7 @@ def train(
             last_saved = step
         if not env.is_main:
             return
-        state = checkpoint_state(model, cfg, split, setting, step, elapsed)
+        state = checkpoint_state(model, cfg, split, setting, step, elapsed, clip_digest)
         if full:
             state["optimizer"] = optimizer.state_dict()
             state["scheduler"] = {"name": "warmup_poly", "step": step}

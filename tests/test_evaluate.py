@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_train import (
     TINY_CLASSES,
     TINY_UNSEEN,
@@ -67,10 +68,35 @@ def test_calibration_only_in_inductive_setting(trained, tmp_path):
     evaluate(cfg, tmp_path / "ind", checkpoint=ckpt)
     rows = read_csv(tmp_path / "ind" / "per_class.csv")
     assert all(int(r["pred_pixels"]) == 0 for r in rows if r["split"] == "seen")
-    cfg.train.setting = "transductive"
-    metrics = evaluate(cfg, tmp_path / "st", checkpoint=ckpt)
-    assert metrics["seen_calibration"] == 0.0
-    cfg.train.setting, cfg.model.seen_calibration = "inductive", 0.1
+    # the checkpoint's own setting decides, not the config's: a self-trained model evaluated
+    # with the base (inductive) config gets no calibration and is labelled transductive
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state["setting"] = "transductive"
+    torch.save(state, tmp_path / "st.pt")
+    metrics = evaluate(cfg, tmp_path / "st", checkpoint=tmp_path / "st.pt")
+    assert metrics["seen_calibration"] == 0.0 and metrics["setting"] == "transductive"
+    cfg.model.seen_calibration = 0.1
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s.update(classes=["a", "b", "c", "d", "e"]), "trained on classes"),
+        (lambda s: s.update(unseen=["sky"]), r"trained with unseen classes \['sky'\]"),
+        (lambda s: s.update(clip_weights="sha256:0000"), "trained on another CLIP"),
+    ],
+    ids=["classes", "unseen", "clip"],
+)
+def test_checkpoint_for_other_classes_split_or_clip_is_refused(trained, tmp_path, edit, message):
+    from cascade_clip.evaluate import evaluate
+
+    cfg, ckpt = trained
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    edit(state)
+    torch.save(state, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=message):
+        evaluate(cfg, tmp_path / "o", checkpoint=tmp_path / "other.pt")
+    assert not (tmp_path / "o").exists()
 
 
 def test_dense_baseline_needs_no_checkpoint(trained, tmp_path):
