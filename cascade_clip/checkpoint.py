@@ -187,3 +187,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore_rank_rng(saved: list[dict[str, Any]], rank: int, seed: int, step: int) -> bool:
+    """Restore this rank's generators from a checkpoint's per-rank states; True if restored.
+
+    A rank the checkpoint has no state for (the world grew on resume) gets a fresh stream
+    seeded from (seed, rank, step), never a copy of another rank's: identical streams
+    would give identical dropout and augmentation on two ranks. Returns False then.
+    """
+    if rank < len(saved):
+        set_rng_state(saved[rank])
+        return True
+    fresh = (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
+    random.seed(fresh)
+    np.random.seed(fresh % (2**32))
+    torch.manual_seed(fresh)
+    return False

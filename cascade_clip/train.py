@@ -45,9 +45,9 @@ from cascade_clip.checkpoint import (
     CHECKPOINT_VERSION,
     check_checkpoint,
     load_checkpoint,
+    restore_rank_rng,
     rng_state,
     save_checkpoint,
-    set_rng_state,
 )
 from cascade_clip.config import Config, config_to_dict
 from cascade_clip.distributed import (
@@ -482,11 +482,17 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed_before = int(state["step"]), float(state.get("elapsed", 0.0))
         consumed = int(state["sampler"]["consumed"])  # holds even if the world size changed
-        rngs = state["rng"]
-        set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
+        saved_world = len(state["rng"])
+        restore_rank_rng(state["rng"], env.rank, cfg.seed, step)
         if env.is_main:
+            if saved_world != env.world_size:
+                print(
+                    f"{ckpt_last}: written by {saved_world} process(es), resumed on {env.world_size}: "
+                    "the sample stream continues; ranks without a saved state get fresh seeded generators"
+                )
             truncate_log(log_path, step)
-            log_line(log_path, {"step": step, "event": "resume", "world_size": env.world_size})
+            record = {"step": step, "event": "resume", "world_size": env.world_size}
+            log_line(log_path, {**record, "saved_world_size": saved_world})
     elif env.is_main:
         log_path.unlink(missing_ok=True)
     batches = iter(make_loader(dataset, cfg, env, consumed=consumed, batch_size=batch_size))

@@ -331,3 +331,25 @@ def test_train_from_feature_cache(tmp_path, tiny_root, tiny_clip_config):
     single.model.stages = [[4]]  # the single-decoder baseline on the last block
     train(single, tmp_path / "single", cache=cache)
     assert (tmp_path / "single" / "model_final.pt").is_file()
+
+
+def test_resume_on_more_ranks_gives_new_ranks_their_own_seeded_streams():
+    """A world that grew on resume: saved ranks restore their streams; a new rank gets a
+    fresh stream from (seed, rank, step), never a copy of rank 0's."""
+    from cascade_clip.checkpoint import restore_rank_rng, rng_state
+
+    torch.manual_seed(123)
+    saved = [rng_state()]
+    expected_rank0 = torch.rand(3)
+
+    def draws(rank: int) -> tuple[bool, torch.Tensor]:
+        torch.manual_seed(999)  # whatever the process had before
+        restored = restore_rank_rng(saved, rank, seed=0, step=40)
+        return restored, torch.rand(3)
+
+    assert draws(0)[0] and torch.equal(draws(0)[1], expected_rank0)
+    restored1, rank1 = draws(1)
+    restored2, rank2 = draws(2)
+    assert not restored1 and not restored2
+    assert not torch.equal(rank1, expected_rank0) and not torch.equal(rank1, rank2)
+    assert torch.equal(draws(1)[1], rank1)  # deterministic
