@@ -2,8 +2,10 @@
 
 `download` streams a URL to `<dest>.part` (resuming it with an HTTP Range request when it
 exists), retries transient failures with exponential backoff, verifies the digests it is
-given and only then renames the file to `dest`. `extract` unpacks a tar or zip archive after
-checking every member, and leaves a marker so that a re-run skips it.
+given and only then renames the file to `dest`. A file with no published digest gets its
+sha256 recorded at first download in a sidecar `<dest>.sha256` (sha256sum's format), and every
+later call verifies the file against that record. `extract` unpacks a tar or zip archive
+after checking every member, and leaves a marker so that a re-run skips it.
 """
 
 from __future__ import annotations
@@ -68,6 +70,28 @@ def _expected(md5: str | None, sha1: str | None, sha256: str | None) -> dict[str
     return out
 
 
+def sidecar_path(dest: str | Path) -> Path:
+    """Where the sha256 of a file with no published digest is recorded: `<dest>.sha256`."""
+    dest = Path(dest)
+    return dest.with_name(dest.name + ".sha256")
+
+
+def recorded_digest(dest: str | Path) -> str | None:
+    """The sha256 recorded for `dest` at its first download, or None if there is no record."""
+    record = sidecar_path(dest)
+    if not record.is_file():
+        return None
+    fields = record.read_text().split()
+    if not fields or not re.fullmatch(r"[0-9a-f]{64}", fields[0].lower()):
+        raise ValueError(f"{record}: not a sha256 record (expected '<64 hex digits>  <file name>'); "
+                         "delete it to record the digest again")
+    return fields[0].lower()
+
+
+def _record(dest: Path, digest: str) -> None:
+    sidecar_path(dest).write_text(f"{digest}  {dest.name}\n")
+
+
 def _mismatches(path: Path, expected: dict[str, str]) -> list[tuple[str, str, str]]:
     got = file_digests(path, tuple(expected))
     return [(name, expected[name], got[name]) for name in expected if got[name] != expected[name]]
@@ -93,17 +117,30 @@ def download(
     try made progress). The finished part file is checked against every digest given and
     then renamed to `dest` atomically. A mismatch deletes the part file and raises
     ChecksumError naming the file and both digests. A `dest` that already verifies is
-    returned at once (with no digest given, an existing `dest` is trusted).
+    returned at once.
+
+    With no digest given, the sha256 recorded in `<dest>.sha256` (see `sidecar_path`) is the
+    expected digest; with no record either, the file's sha256 is computed (after the
+    download, or from an existing `dest`) and recorded there, so that every later call
+    verifies it (trust on first use).
     """
     dest = Path(dest)
     expected = _expected(md5, sha1, sha256)
+    recorded = None if expected else recorded_digest(dest)
+    if recorded:
+        expected = {"sha256": recorded}
     if dest.is_file():
         if not expected:
+            digest = file_digests(dest, ("sha256",))["sha256"]
+            _record(dest, digest)
+            log.warning("%s: no published digest; recorded the existing file's sha256 %s in %s",
+                        dest, digest, sidecar_path(dest))
             return dest
         bad = _mismatches(dest, expected)
         if not bad:
             return dest
-        log.warning("%s exists but does not verify (%s); downloading it again", dest, bad[0][0])
+        log.warning("%s exists but does not verify (%s%s); downloading it again", dest, bad[0][0],
+                    f" recorded in {sidecar_path(dest)}" if recorded else "")
         dest.unlink()
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -131,10 +168,17 @@ def download(
         if bad:
             part.unlink()
             name, want, got = bad[0]
+            origin = (f"; {want} was recorded at the first download in {sidecar_path(dest)}: "
+                      "delete that file only if the server's copy changed on purpose") if recorded else ""
             raise ChecksumError(
                 f"{dest}: {name} checksum mismatch: expected {want}, got {got} "
-                f"(downloaded from {url}; the file was removed)"
+                f"(downloaded from {url}; the file was removed{origin})"
             )
+    else:
+        digest = file_digests(part, ("sha256",))["sha256"]
+        _record(dest, digest)
+        log.warning("%s: no published digest; recorded its sha256 %s in %s (checked on every later "
+                    "run)", dest, digest, sidecar_path(dest))
     os.replace(part, dest)
     return dest
 

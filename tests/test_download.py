@@ -246,6 +246,35 @@ def test_extract_zip_and_empty_and_not_an_archive(tmp_path):
 # --- sources and the CLI ------------------------------------------------------------------
 
 
+# Files whose publishers give no digest: the download records their sha256 at first use
+# (a `<name>.sha256` sidecar) and checks it on every later run. Adding a file here needs a
+# reason in sources.yaml; every other file must carry a published digest.
+UNPUBLISHED = {"stuffthingmaps_trainval2017.zip"}
+# Hosts that serve the file over plain http only (sources.yaml says so in a comment).
+HTTP_ONLY = {"stuffthingmaps_trainval2017.zip"}
+
+
+def digest_problems(sources: dict[str, list[dict]]) -> list[str]:
+    """What is wrong with the digests and URLs of a sources listing (empty when all is well)."""
+    found = []
+    for dataset, files in sources.items():
+        for e in files:
+            where = f"{dataset}/{e['name']}"
+            given = {k: e.get(k) for k in ("md5", "sha1", "sha256") if e.get(k) is not None}
+            for key, value in given.items():
+                n = {"md5": 32, "sha1": 40, "sha256": 64}[key]
+                if not isinstance(value, str) or not re.fullmatch(f"[0-9a-f]{{{n}}}", value):
+                    found.append(f"{where}: {key} {value!r} is not {n} lowercase hex digits")
+            if not given and e["name"] not in UNPUBLISHED:
+                found.append(f"{where}: no digest, and not listed as unpublished")
+            if given and e["name"] in UNPUBLISHED:
+                found.append(f"{where}: has a digest now; remove it from UNPUBLISHED")
+            scheme = e["url"].split(":", 1)[0]
+            if scheme != "https" and not (scheme == "http" and e["name"] in HTTP_ONLY):
+                found.append(f"{where}: {e['url']} is not https")
+    return found
+
+
 def test_packaged_sources_cover_real_datasets():
     src = load_sources()
     assert set(src) == {"coco_stuff_164k", "voc12", "pascal_context_59"}
@@ -253,11 +282,148 @@ def test_packaged_sources_cover_real_datasets():
     assert {"train2017.zip", "val2017.zip", "stuffthingmaps_trainval2017.zip",
             "VOCtrainval_11-May-2012.tar", "benchmark.tgz", "VOCtrainval_03-May-2010.tar",
             "trainval_merged.json"} <= names
-    for files in src.values():
-        for e in files:
-            assert e["url"].startswith("http")
-            for key, n in (("md5", 32), ("sha1", 40), ("sha256", 64)):
-                assert e.get(key) is None or re.fullmatch(f"[0-9a-f]{{{n}}}", e[key])
+    assert UNPUBLISHED | HTTP_ONLY <= names
+    assert digest_problems(src) == []
+
+
+def test_digest_check_flags_missing_digests_and_plain_http():
+    files = [{"name": "a.zip", "url": "https://x/a.zip", "md5": None, "sha256": None},
+             {"name": "b.zip", "url": "http://x/b.zip", "md5": "0" * 32},
+             {"name": "c.zip", "url": "https://x/c.zip", "sha1": "XYZ"},
+             {"name": "stuffthingmaps_trainval2017.zip", "url": "http://x/s.zip", "md5": "0" * 32}]
+    found = "\n".join(digest_problems({"d": files}))
+    assert "a.zip: no digest" in found
+    assert "b.zip: http://x/b.zip is not https" in found
+    assert "c.zip: sha1 'XYZ'" in found
+    assert "stuffthingmaps_trainval2017.zip: has a digest now" in found
+
+
+# --- digests recorded at first download (files with no published digest) -----------------
+
+
+def test_first_download_records_sha256_and_later_runs_verify_it(server, tmp_path, caplog):
+    from cascade_clip.download import recorded_digest, sidecar_path
+
+    server.files["/u.zip"] = PAYLOAD
+    dest = tmp_path / "u.zip"
+    download(f"{server.url}/u.zip", dest, **FAST)
+    want = hashlib.sha256(PAYLOAD).hexdigest()
+    assert sidecar_path(dest) == tmp_path / "u.zip.sha256"
+    assert sidecar_path(dest).read_text() == f"{want}  u.zip\n"  # sha256sum -c reads it
+    assert recorded_digest(dest) == want
+    assert want in caplog.text
+
+    # A later run with the file intact fetches nothing.
+    n = len(server.log)
+    download(f"{server.url}/u.zip", dest, **FAST)
+    assert len(server.log) == n
+
+    # A file damaged on disk fails the recorded digest and is fetched again.
+    dest.write_bytes(PAYLOAD[:-1] + b"X")
+    download(f"{server.url}/u.zip", dest, **FAST)
+    assert dest.read_bytes() == PAYLOAD and len(server.log) == n + 1
+
+    # The server now sends other bytes: the recorded digest refuses them.
+    server.files["/u.zip"] = PAYLOAD[::-1]
+    dest.unlink()
+    with pytest.raises(ChecksumError, match=r"u\.zip\.sha256") as info:
+        download(f"{server.url}/u.zip", dest, **FAST)
+    assert want in str(info.value)
+    assert not dest.exists() and recorded_digest(dest) == want
+
+
+def test_existing_file_without_record_gets_one(server, tmp_path):
+    from cascade_clip.download import recorded_digest
+
+    dest = tmp_path / "old.zip"
+    dest.write_bytes(PAYLOAD)
+    download(f"{server.url}/old.zip", dest, **FAST)
+    assert server.log == []
+    assert recorded_digest(dest) == hashlib.sha256(PAYLOAD).hexdigest()
+
+
+def test_published_digest_wins_and_writes_no_record(server, tmp_path):
+    from cascade_clip.download import sidecar_path
+
+    server.files["/p.zip"] = PAYLOAD
+    dest = tmp_path / "p.zip"
+    sidecar_path(dest).write_text("0" * 64 + "  p.zip\n")  # stale record: ignored
+    download(f"{server.url}/p.zip", dest, md5=_md5(PAYLOAD), **FAST)
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_malformed_record_is_an_error(tmp_path):
+    from cascade_clip.download import sidecar_path
+
+    dest = tmp_path / "m.zip"
+    sidecar_path(dest).write_text("not a digest\n")
+    with pytest.raises(ValueError, match=r"m\.zip\.sha256"):
+        download("http://127.0.0.1:9/m.zip", dest, **FAST)
+
+
+def _unpublished_sources(tmp_path: Path, data: bytes) -> Path:
+    sources = {"coco_stuff_164k": {"files": [
+        {"name": "stuffthingmaps_trainval2017.zip", "url": "http://example.invalid/s.zip",
+         "md5": None, "sha256": None, "extract_to": None},
+    ]}}
+    path = tmp_path / "sources.yaml"
+    path.write_text(yaml.safe_dump(sources))
+    return path
+
+
+def test_cli_prints_the_recorded_digest_to_pin(server, tmp_path, capsys):
+    from cascade_clip.cli import main
+
+    data = b"stuff maps"
+    server.files["/stuffthingmaps_trainval2017.zip"] = data
+    argv = ["download", "--dataset", "coco_stuff_164k", "--root", str(tmp_path / "dl"),
+            "--base-url", server.url, "--sources", str(_unpublished_sources(tmp_path, data)),
+            "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    digest = hashlib.sha256(data).hexdigest()
+    assert f"stuffthingmaps_trainval2017.zip: {digest}" in out  # the config snippet to pin it
+    assert (tmp_path / "dl" / "coco_stuff_164k" / "stuffthingmaps_trainval2017.zip.sha256").is_file()
+    assert main(argv) == 0  # again: verified against the record, printed again
+    assert digest in capsys.readouterr().out
+
+
+def test_pins_apply_to_the_named_files_only():
+    from cascade_clip.commands.download import _pin
+
+    sources = load_sources()
+    pinned = _pin(sources, {"stuffthingmaps_trainval2017.zip": "a" * 64}, "c.yaml")
+    entry = next(e for e in pinned["coco_stuff_164k"] if e["name"].startswith("stuffthingmaps"))
+    assert entry["sha256"] == "a" * 64
+    assert load_sources()["coco_stuff_164k"][2]["sha256"] is None  # the packaged file is untouched
+    with pytest.raises(ValueError, match="nope.zip"):
+        _pin(sources, {"nope.zip": "a" * 64}, "c.yaml")
+
+
+def _config_accepts_sources() -> bool:
+    from cascade_clip.config import EXTRA_SECTIONS
+
+    return "sources" in EXTRA_SECTIONS
+
+
+@pytest.mark.xfail(not _config_accepts_sources(), strict=True,
+                   reason="cascade_clip/config.py does not accept the `sources:` section yet")
+def test_config_sources_pin_a_digest(server, tmp_path, capsys):
+    from cascade_clip.cli import main
+
+    data = b"stuff maps"
+    server.files["/stuffthingmaps_trainval2017.zip"] = data
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "coco_stuff.yaml").read_text())
+    config["sources"] = {"root": str(tmp_path / "dl"), "base_url": server.url,
+                         "file": str(_unpublished_sources(tmp_path, data)),
+                         "sha256": {"stuffthingmaps_trainval2017.zip": "0" * 64}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["download", "--config", str(path), "--no-progress"]) == 2
+    assert "expected " + "0" * 64 in capsys.readouterr().err
+    config["sources"]["sha256"]["stuffthingmaps_trainval2017.zip"] = hashlib.sha256(data).hexdigest()
+    path.write_text(yaml.safe_dump(config))
+    assert main(["download", "--config", str(path), "--no-progress"]) == 0
 
 
 def test_cli_download_with_base_url(server, tmp_path):
@@ -297,3 +463,36 @@ def test_cli_download_with_base_url(server, tmp_path):
         fetch_dataset("pascal_context_59", root, sources=sources, base_url=server.url,
                       progress=False, backoff=0.0)
     assert not (folder / "trainval_merged.json").exists()
+
+
+def test_download_then_prepare_agree_on_the_layout(server, tmp_path, capsys):
+    """`download --root R` fills R/voc12/, and `prepare --downloads R` reads exactly that."""
+    from test_convert import write_voc_fixture
+
+    from cascade_clip.cli import main
+
+    fixture = tmp_path / "fixture"
+    write_voc_fixture(fixture)
+    files = []
+    for name, top in (("VOCtrainval_11-May-2012.tar", "VOCdevkit"), ("benchmark.tgz", "benchmark_RELEASE")):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz" if name.endswith("tgz") else "w") as tar:
+            tar.add(fixture / top, arcname=top)
+        server.files[f"/{name}"] = buf.getvalue()
+        files.append({"name": name, "url": f"https://example.invalid/{name}",
+                      "md5": _md5(buf.getvalue()), "extract_to": "."})
+    sources = tmp_path / "sources.yaml"
+    sources.write_text(yaml.safe_dump({"voc12": {"files": files}}))
+    root = tmp_path / "down loads"  # a space, as a user's folder may have
+    assert main(["download", "--dataset", "voc12", "--root", str(root), "--base-url", server.url,
+                 "--sources", str(sources), "--no-progress"]) == 0
+    assert (root / "voc12" / "VOCdevkit" / "VOC2012" / "JPEGImages").is_dir()
+    assert not (root / "voc12" / "voc12").exists()
+    out = tmp_path / "data"
+    assert main(["prepare", "--dataset", "voc12", "--downloads", str(root), "--out", str(out)]) == 0
+    assert (out / "dataset.json").is_file()
+    # The dataset's own folder is not a download root: a one-line error says which folder is.
+    capsys.readouterr()
+    assert main(["prepare", "--dataset", "voc12", "--downloads", str(root / "voc12"),
+                 "--out", str(tmp_path / "data2")]) == 2
+    assert f"(here {root})" in capsys.readouterr().err

@@ -71,6 +71,13 @@ def test_shard_jobs_each_take_a_gpu(tmp_path):
         (lambda c: c["model"].update(fusion="magic"), "magic"),
         (lambda c: c["train"].update(itres=5), "itres"),
         (lambda c: c["dataset"].update(name="imagenet"), "imagenet"),
+        # Names that become folders, wildcards and CLI words: no shell metacharacters.
+        (lambda c: c.update(experiment="x;touch y"), "x;touch y"),
+        (lambda c: c.update(experiment=".."), "'..'"),
+        (lambda c: c["ablations"].update({"two words": {}}), "two words"),
+        (lambda c: c["ablations"].update({"a|b": {}}), "a|b"),
+        (lambda c: c["workflow"].update(main_run="$(id)"), "$(id)"),
+        (lambda c: c["dataset"].update(val_split="val;ls"), "val;ls"),
     ],
 )
 def test_broken_config_is_rejected_by_name(tmp_path, edit, message):
@@ -95,3 +102,117 @@ def test_every_config_passes_the_package_check():
 
     for config in CONFIGS:
         load_config(config)
+
+
+# --- shell quoting: paths with spaces and shell metacharacters -----------------------------
+
+HOSTILE = "res dir;touch INJECTED"  # a space and a `;` that must never reach the shell raw
+
+
+def _shell_commands(output: str) -> list[str]:
+    """The commands `snakemake -n -p` prints, one string each."""
+    return [line.split("Shell command:", 1)[1].strip() for line in output.splitlines()
+            if "Shell command:" in line]
+
+
+@pytest.mark.parametrize("config", ["config.yaml", "coco_stuff.yaml"])
+def test_dry_run_quotes_paths_with_spaces_and_semicolons(config, tmp_path):
+    """Every config path reaches the shell as one quoted word: a space does not split it and a
+    `;` does not end the command (the shapes demo's stages, and downloads / prepare /
+    cross-dataset evaluation in the COCO config)."""
+    import shlex
+
+    cfg = yaml.safe_load((ROOT / "config" / config).read_text())
+    results = tmp_path / HOSTILE
+    cfg["results_dir"] = str(results)
+    cfg.setdefault("workflow", {})["downloads_dir"] = str(tmp_path / "down loads;x")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = snakemake("-n", "-p", "--cores", "2", "--configfile", str(path), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    commands = _shell_commands(res.stdout + res.stderr)
+    assert len(commands) >= 8
+    for command in commands:
+        words = shlex.split(command)
+        assert "touch" not in words and "INJECTED" not in words, command
+        for word in words:
+            for hostile in (str(results), str(tmp_path / "down loads;x")):
+                if hostile.split(" ")[0] in word:  # the folder's first half: the whole word
+                    assert hostile in word, (word, command)
+    text = "\n".join(commands)
+    assert f"--config {shlex.quote(str(results / cfg['experiment'] / 'config.yaml'))}" in text
+    if config == "coco_stuff.yaml":
+        # One download root: `download --root R` fills R/<dataset>/ and `prepare` reads R.
+        quoted = shlex.quote(str(tmp_path / "down loads;x"))
+        assert f"--root {quoted} " in text and f"--downloads {quoted} " in text
+        assert "cascade-clip prepare --dataset voc12" in text
+
+
+def test_every_shell_field_is_quoted():
+    """A static guard for new rules: every `{...}` in a rule's shell command is written `:q`,
+    except the launcher's own shell text (integers and fixed words only)."""
+    import re
+
+    unquoted = []
+    for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
+        in_shell = False
+        for number, line in enumerate(smk.read_text().splitlines(), start=1):
+            stripped = line.strip()
+            if stripped == "shell:":
+                in_shell = True
+                continue
+            if in_shell and not stripped.startswith('"'):
+                in_shell = False
+            if in_shell:
+                for field in re.findall(r"(?<!\{)\{([^{}]+)\}(?!\})", stripped):
+                    if not field.endswith(":q") and field != "params.launch":
+                        unquoted.append(f"{smk.name}:{number}: {{{field}}}")
+    assert unquoted == []
+
+
+def _tiny_config(results_dir: Path, resources: Path) -> dict:
+    """config/config.yaml shrunk to seconds: a small world at 64 px, a 6-block CLIP of width 32
+    with its own tiny text tower, a few steps of everything, one run, no self-training; results
+    and resources (world, CLIP) in the given folders, as absolute paths."""
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["results_dir"] = str(results_dir)
+    cfg["dataset"]["root"] = str(resources / "data" / "shapes")
+    cfg["clip"]["pretrained"] = str(resources / "clip" / "checkpoint.pt")
+    cfg["clip"]["model_config"] = str(resources / "clip" / "model_config.json")
+    cfg["shapes"] = dict(cfg.get("shapes") or {}, num_train=12, num_val=4, image_size=64)
+    cfg["pretrain"] = dict(cfg.get("pretrain") or {}, image_size=64, width=32, heads=2, embed_dim=32,
+                           text="own", text_width=32, text_layers=1, steps=2, batch_size=8,
+                           warmup_steps=1, max_seconds=10, log_interval=1)
+    cfg["clip"]["image_size"] = 64
+    cfg["model"]["decoder"] = dict(cfg["model"].get("decoder") or {}, layers=1, heads=2, ffn_dim=32)
+    cfg["train"].update(iters=4, batch_size=4, warmup_iters=1, log_interval=2, checkpoint_interval=2,
+                        num_workers=0)
+    cfg["train"]["augment"] = dict(cfg["train"].get("augment") or {}, scale=[128, 64], crop_size=64)
+    cfg["evaluate"] = dict(cfg.get("evaluate") or {}, crop_size=64, stride=48, short_side=64,
+                           num_visualize=1)
+    cfg["ablations"] = {"cascade": {}}
+    cfg["workflow"] = dict(cfg.get("workflow") or {}, self_train=False, threads=1, cache_threads=1)
+    return cfg
+
+
+@pytest.mark.slow
+def test_workflow_runs_in_folders_with_spaces(tmp_path):
+    """The whole tiny workflow with its working directory, results and resources (world, CLIP)
+    in folders whose names have spaces (and a quote): every stage's command gets them whole."""
+    import json
+    import math
+
+    work = tmp_path / "work dir"
+    work.mkdir()
+    results = tmp_path / "my results"
+    cfg = _tiny_config(results, tmp_path / "it's resources")
+    (work / "config").mkdir()
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    res = snakemake("--cores", "2", cwd=work)
+    logs = "\n".join(p.read_text()[-1500:] for p in sorted(results.rglob("*.log")))
+    assert res.returncode == 0, res.stderr[-4000:] + logs
+    for run in ("frozen_clip", "cascade"):
+        metrics = json.loads((results / "shapes" / "eval" / run / "metrics.json").read_text())
+        assert math.isfinite(metrics["hiou"]) and metrics["num_images"] == 4, run
+    assert (results / "shapes" / "report" / "summary.csv").is_file()
+    assert not list(tmp_path.rglob("INJECTED"))

@@ -24,15 +24,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retries", type=int, default=5, help="retries per file on transient errors")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--config", default=None, help="experiment YAML (optional): its dataset.name "
-                        "and its `sources:` section (keys root, base_url, file) give defaults")
+                        "and its `sources:` section (keys root, base_url, file) give defaults; "
+                        "`sources: {sha256: {FILE NAME: DIGEST}}` pins the digest of a file the "
+                        "sources list without one")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value (with --config)")
 
 
+def _pin(sources: dict[str, list[dict]], pins: dict, where: str) -> dict[str, list[dict]]:
+    """Apply `sources.sha256` ({file name: digest}) of the config to the source entries."""
+    if not isinstance(pins, dict):
+        raise ValueError(f"{where}: sources.sha256 must map file names to sha256 digests")
+    known = {e["name"] for files in sources.values() for e in files}
+    unknown = sorted(set(pins) - known)
+    if unknown:
+        raise ValueError(f"{where}: sources.sha256 names {unknown}, which no dataset's sources list")
+    return {ds: [dict(e, sha256=str(pins[e["name"]])) if e["name"] in pins else e for e in files]
+            for ds, files in sources.items()}
+
+
 def run(args: argparse.Namespace) -> int:
-    from cascade_clip.download import DownloadError, fetch_dataset, load_sources
+    from pathlib import Path
+
+    from cascade_clip.download import DownloadError, fetch_dataset, load_sources, recorded_digest
 
     dataset, root, base_url, sources_file = args.dataset, args.root, args.base_url, args.sources
+    pins = {}
     if args.config:
         from cascade_clip.config import load_config, parse_overrides
 
@@ -42,12 +59,13 @@ def run(args: argparse.Namespace) -> int:
         root = root or section.get("root")
         base_url = base_url or section.get("base_url")
         sources_file = sources_file or section.get("file")
+        pins = section.get("sha256") or {}
     if not dataset:
         raise ValueError("no dataset given: pass --dataset NAME or --config FILE")
     if dataset not in REAL_DATASETS:
         raise ValueError(f"dataset {dataset!r} is not downloaded; the shapes world is made by "
                          "`cascade-clip make-shapes`")
-    sources = load_sources(sources_file)
+    sources = _pin(load_sources(sources_file), pins, args.config)
     try:
         out = fetch_dataset(dataset, root or "resources/downloads", sources=sources,
                             base_url=base_url, retries=args.retries,
@@ -56,4 +74,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"cascade-clip download: error: {err}", file=sys.stderr)
         return 1
     print(f"{dataset}: downloaded to {out}")
+    for entry in sources[dataset]:
+        if any(entry.get(k) for k in ("md5", "sha1", "sha256")):
+            continue
+        digest = recorded_digest(Path(out) / entry["name"])
+        print(f"{entry['name']}: no published digest; sha256 {digest} was recorded at its first "
+              f"download ({entry['name']}.sha256 beside it) and is checked on every later run. To pin it, "
+              f"add to the experiment config:\n  sources:\n    sha256:\n      {entry['name']}: {digest}")
     return 0

@@ -14,8 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dataset to convert (default: the config's dataset.name)")
     parser.add_argument("--downloads", default=None,
                         help="download root as given to `cascade-clip download --root` (reads "
-                             "DOWNLOADS/DATASET/, or DOWNLOADS itself if it holds the sources); "
-                             "default resources/downloads")
+                             "DOWNLOADS/DATASET/); default resources/downloads")
     parser.add_argument("--out", default=None,
                         help="output dataset folder (default: the config's dataset.root, else "
                              "resources/data/DATASET)")
@@ -27,14 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="experiment YAML (optional)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value (with --config)")
-
-
-# A path inside a dataset's download folder that tells it apart from the download root.
-_MARKERS = {
-    "coco_stuff_164k": "stuffthingmaps",
-    "voc12": "VOCdevkit",
-    "pascal_context_59": "VOCdevkit",
-}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,11 +47,12 @@ def run(args: argparse.Namespace) -> int:
                          "`cascade-clip make-shapes`")
     downloads = Path(args.downloads or "resources/downloads")
     src = downloads / dataset
-    if not (src / _MARKERS[dataset]).exists() and (downloads / _MARKERS[dataset]).exists():
-        src = downloads
     if not src.is_dir():
+        if downloads.name == dataset and downloads.is_dir():
+            raise FileNotFoundError(f"{src}: download folder not found; --downloads takes the "
+                                    f"download root that holds {dataset}/ (here {downloads.parent})")
         raise FileNotFoundError(f"{src}: download folder not found (run `cascade-clip download "
-                                f"--dataset {dataset}` first)")
+                                f"--dataset {dataset} --root {downloads}` first)")
     out = Path(out or f"resources/data/{dataset}")
     counts = CONVERTERS[dataset](src, out, workers=args.workers, link=not args.copy,
                                  force=args.force)

@@ -14,7 +14,7 @@ rule cache_shard:
     params:
         config=CONFIG,
         settings=settings("seed", "clip", "model", "train.augment", "cache", "dataset"),
-        shards=SHARDS,
+        shard=lambda wc: f"{wc.shard}/{SHARDS}",
     log:
         f"{LOGS}/cache/shard-{{shard}}.log",
     benchmark:
@@ -27,8 +27,9 @@ rule cache_shard:
     conda:
         "../../environment.yml"
     shell:
-        "OMP_NUM_THREADS={threads} cascade-clip gpu-run --gpus {resources.gpu} -- cascade-clip cache-features --config {params.config}"
-        " --split train --shard {wildcards.shard}/{params.shards} --out {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads:q} cascade-clip gpu-run --gpus {resources.gpu:q} --"
+        " cascade-clip cache-features --config {params.config:q} --split train"
+        " --shard {params.shard:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule cache_join:
@@ -47,5 +48,5 @@ rule cache_join:
     conda:
         "../../environment.yml"
     shell:
-        "(cascade-clip cache-join --inputs {input} --out {output}"
-        " && cascade-clip cache-verify --config {params.config} --cache {output}) > {log} 2>&1"
+        "(cascade-clip cache-join --inputs {input:q} --out {output:q}"
+        " && cascade-clip cache-verify --config {params.config:q} --cache {output:q}) > {log:q} 2>&1"

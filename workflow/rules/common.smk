@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import shlex
 from pathlib import Path
 
 import yaml
@@ -50,12 +49,14 @@ def settings(*keys):
 
 
 def overrides(mapping):
-    """{"model.stages": [[12]]} -> "--set 'model.stages=[[12]]'" for the CLI."""
+    """{"model.stages": [[12]]} -> ["--set", "model.stages=[[12]]"]: CLI arguments.
+
+    A list: rules write it as `{params.overrides:q}`, which shell-quotes every item."""
     args = []
     for key, value in (mapping or {}).items():
         text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
-        args.append(f"--set {shlex.quote(f'{key}={text}')}")
-    return " ".join(args)
+        args += ["--set", f"{key}={text}"]
+    return args
 
 
 def run_overrides(run):
@@ -106,7 +107,8 @@ def train_inputs(wildcards):
 
 
 def cache_arg(wildcards, input):
-    return f"--cache {input.cache}" if "cache" in input.keys() else ""
+    """["--cache", FILE] when the run trains from the feature cache (write it `:q`)."""
+    return ["--cache", input.cache] if "cache" in input.keys() else []
 
 
 def parent_of(name):
@@ -120,6 +122,9 @@ def launcher(wildcards, resources):
     One node: `torchrun --standalone`, one process per GPU that gpu-run locked for the job.
     Several nodes (workflow.train_nodes > 1, under SLURM): srun starts one torchrun per node
     and they meet at the first node of the allocation (c10d rendezvous).
+
+    Shell text that rules insert unquoted (`{params.launch}`): it holds only integers and
+    fixed words, never a config string.
     """
     per_node = nproc(resources.gpu)
     nodes = int(WF["train_nodes"])

@@ -1,5 +1,5 @@
-# Download the real datasets' archives (resumable, checksummed) and extract them.
-# The shapes demo downloads nothing.
+# Download the real datasets' archives (resumable, checksummed) and extract them into
+# <downloads_dir>/<dataset>/, where `prepare` reads them. The shapes demo downloads nothing.
 
 
 rule download:
@@ -8,7 +8,8 @@ rule download:
     wildcard_constraints:
         dataset="coco_stuff_164k|voc12|pascal_context_59",
     params:
-        root=lambda wc: f"{DOWNLOADS}/{wc.dataset}",
+        config=CONFIG,
+        root=lambda wc, output: str(Path(output[0]).parents[1]),  # DOWNLOADS
     log:
         f"{LOGS}/download/{{dataset}}.log",
     benchmark:
@@ -20,5 +21,5 @@ rule download:
     conda:
         "../../environment.yml"
     shell:
-        "cascade-clip download --dataset {wildcards.dataset} --root {params.root}"
-        " > {log} 2>&1"
+        "cascade-clip download --config {params.config:q} --dataset {wildcards.dataset:q}"
+        " --root {params.root:q} --no-progress > {log:q} 2>&1"

@@ -30,10 +30,10 @@ rule evaluate:
     conda:
         "../../environment.yml"
     shell:
-        "OMP_NUM_THREADS={threads} cascade-clip gpu-run --gpus {resources.gpu} --"
-        " torchrun --standalone --nproc-per-node {params.nproc} -m cascade_clip.cli evaluate"
-        " --config {params.config} {params.overrides} --checkpoint {input.ckpt} --text {input.text}"
-        " --out {params.out} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads:q} cascade-clip gpu-run --gpus {resources.gpu:q} --"
+        " torchrun --standalone --nproc-per-node {params.nproc:q} -m cascade_clip.cli evaluate"
+        " --config {params.config:q} {params.overrides:q} --checkpoint {input.ckpt:q}"
+        " --text {input.text:q} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule evaluate_frozen_clip:
@@ -62,8 +62,9 @@ rule evaluate_frozen_clip:
     conda:
         "../../environment.yml"
     shell:
-        "OMP_NUM_THREADS={threads} cascade-clip gpu-run --gpus {resources.gpu} -- cascade-clip evaluate --config {params.config}"
-        " --baseline dense --text {input.text} --out {params.out} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads:q} cascade-clip gpu-run --gpus {resources.gpu:q} --"
+        " cascade-clip evaluate --config {params.config:q} --baseline dense --text {input.text:q}"
+        " --out {params.out:q} > {log:q} 2>&1"
 
 
 rule evaluate_cross:
@@ -93,8 +94,9 @@ rule evaluate_cross:
     conda:
         "../../environment.yml"
     shell:
-        "OMP_NUM_THREADS={threads} cascade-clip gpu-run --gpus {resources.gpu} --"
-        " torchrun --standalone --nproc-per-node {params.nproc} -m cascade_clip.cli evaluate"
-        " --config {params.config} {params.overrides} --checkpoint {input.ckpt} --text {input.text}"
-        " --set dataset.name={wildcards.dataset} --set dataset.root={params.root}"
-        " --set dataset.unseen=[] --set train.setting=fully_supervised --out {params.out} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads:q} cascade-clip gpu-run --gpus {resources.gpu:q} --"
+        " torchrun --standalone --nproc-per-node {params.nproc:q} -m cascade_clip.cli evaluate"
+        " --config {params.config:q} {params.overrides:q} --checkpoint {input.ckpt:q}"
+        " --text {input.text:q} --set dataset.name={wildcards.dataset:q} --set dataset.root={params.root:q}"
+        " --set 'dataset.unseen=[]' --set train.setting=fully_supervised --out {params.out:q}"
+        " > {log:q} 2>&1"

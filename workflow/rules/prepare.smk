@@ -21,7 +21,7 @@ if IS_SHAPES:
         conda:
             "../../environment.yml"
         shell:
-            "cascade-clip make-shapes --config {params.config} --out {params.root} > {log} 2>&1"
+            "cascade-clip make-shapes --config {params.config:q} --out {params.root:q} > {log:q} 2>&1"
 
 
 for _name, _root in DATA_ROOTS.items():
@@ -36,7 +36,7 @@ for _name, _root in DATA_ROOTS.items():
         output:
             f"{_root}/dataset.json",
         params:
-            downloads=f"{DOWNLOADS}/{_name}",
+            downloads=lambda wc, input: str(Path(input[0]).parents[1]),  # DOWNLOADS
             dataset=_name,
             root=lambda wc, output: str(Path(output[0]).parent),
         log:
@@ -50,5 +50,5 @@ for _name, _root in DATA_ROOTS.items():
         conda:
             "../../environment.yml"
         shell:
-            "OMP_NUM_THREADS={threads} cascade-clip prepare --dataset {params.dataset} --downloads {params.downloads}"
-            " --out {params.root} > {log} 2>&1"
+            "OMP_NUM_THREADS={threads:q} cascade-clip prepare --dataset {params.dataset:q}"
+            " --downloads {params.downloads:q} --out {params.root:q} > {log:q} 2>&1"

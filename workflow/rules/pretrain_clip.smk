@@ -12,6 +12,7 @@ if IS_SHAPES:
         params:
             config=CONFIG,
             settings=settings("seed", "pretrain", "shapes", "dataset"),
+            out=parent_of("weights"),
         log:
             f"{LOGS}/pretrain_clip.log",
         benchmark:
@@ -23,4 +24,5 @@ if IS_SHAPES:
         conda:
             "../../environment.yml"
         shell:
-            "OMP_NUM_THREADS={threads} cascade-clip pretrain-clip --config {params.config} --out $(dirname {output.weights}) > {log} 2>&1"
+            "OMP_NUM_THREADS={threads:q} cascade-clip pretrain-clip --config {params.config:q}"
+            " --out {params.out:q} > {log:q} 2>&1"

@@ -47,9 +47,9 @@ rule report:
         config=CONFIG,
         results=lambda wc, input: str(Path(input.metrics[0]).parents[2]),
         report=parent_of("summary"),
-        runs=" ".join(["frozen_clip"] + RUNS),
+        runs=["frozen_clip"] + RUNS,
         main=MAIN_RUN,
-        cross=" ".join(CROSS),
+        cross=CROSS,
     log:
         f"{LOGS}/report.log",
     threads: 1
@@ -59,5 +59,6 @@ rule report:
     conda:
         "../../environment.yml"
     shell:
-        "cascade-clip report --config {params.config} --results {params.results} --runs {params.runs}"
-        " --cross {params.cross} --examples {input.examples} --out {params.report} > {log} 2>&1"
+        "cascade-clip report --config {params.config:q} --results {params.results:q}"
+        " --runs {params.runs:q} --cross {params.cross:q} --examples {input.examples:q}"
+        " --out {params.report:q} > {log:q} 2>&1"

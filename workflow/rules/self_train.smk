@@ -15,7 +15,7 @@ rule self_train:
         config=CONFIG,
         settings=settings("seed", "clip", "model", "dataset", "train", "self_train", "cache"),
         overrides=overrides(run_overrides(SELF_TRAIN_RUN)),
-        cache=lambda wc, input: f"--cache {input.cache}" if input.cache else "",
+        cache=lambda wc, input: ["--cache", input.cache] if input.cache else [],
         launch=launcher,
         out=parent_of("final"),
     log:
@@ -31,6 +31,6 @@ rule self_train:
     conda:
         "../../environment.yml"
     shell:
-        "OMP_NUM_THREADS={threads} {params.launch} -m cascade_clip.cli train"
-        " --config {params.config} {params.overrides} --text {input.text} {params.cache}"
-        " --init {input.init} --out {params.out} --resume > {log} 2>&1"
+        "OMP_NUM_THREADS={threads:q} {params.launch} -m cascade_clip.cli train"
+        " --config {params.config:q} {params.overrides:q} --text {input.text:q} {params.cache:q}"
+        " --init {input.init:q} --out {params.out:q} --resume > {log:q} 2>&1"

@@ -19,4 +19,4 @@ rule split:
     conda:
         "../../environment.yml"
     shell:
-        "cascade-clip split --config {params.config} --out {output} > {log} 2>&1"
+        "cascade-clip split --config {params.config:q} --out {output:q} > {log:q} 2>&1"

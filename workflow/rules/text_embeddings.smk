@@ -22,7 +22,7 @@ rule text_embeddings:
     conda:
         "../../environment.yml"
     shell:
-        "cascade-clip text-embeddings --config {params.config} --out {output} > {log} 2>&1"
+        "cascade-clip text-embeddings --config {params.config:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule text_embeddings_cross:
@@ -45,5 +45,5 @@ rule text_embeddings_cross:
     conda:
         "../../environment.yml"
     shell:
-        "cascade-clip text-embeddings --config {params.config} --set dataset.name={wildcards.dataset}"
-        " --set dataset.root={params.root} --set dataset.unseen=[] --out {output} > {log} 2>&1"
+        "cascade-clip text-embeddings --config {params.config:q} --set dataset.name={wildcards.dataset:q}"
+        " --set dataset.root={params.root:q} --set 'dataset.unseen=[]' --out {output:q} > {log:q} 2>&1"

@@ -33,6 +33,6 @@ rule train:
     conda:
         "../../environment.yml"
     shell:
-        "OMP_NUM_THREADS={threads} {params.launch} -m cascade_clip.cli train"
-        " --config {params.config} {params.overrides} --text {input.text} {params.cache}"
-        " --out {params.out} --resume > {log} 2>&1"
+        "OMP_NUM_THREADS={threads:q} {params.launch} -m cascade_clip.cli train"
+        " --config {params.config:q} {params.overrides:q} --text {input.text:q} {params.cache:q}"
+        " --out {params.out:q} --resume > {log:q} 2>&1"
