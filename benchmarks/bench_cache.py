@@ -110,7 +110,7 @@ def setup_config(setup: Setup, root: str | os.PathLike) -> Config:
     """The config of a setup: its random CLIP, head and augmentation, every class seen."""
     return config_from_dict({
         "experiment": "bench",
-        "clip": {"model": "bench", "pretrained": None, "model_config": setup.clip,
+        "clip": {"model": "bench", "pretrained": "random", "model_config": setup.clip,
                  "image_size": setup.image_size, "templates": "official-single"},
         "model": {"stages": setup.stages, "decoder": setup.decoder},
         "dataset": {"name": "shapes", "root": str(root), "unseen": []},

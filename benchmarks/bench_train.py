@@ -124,7 +124,7 @@ def world(tmp_path_factory) -> dict[str, Any]:
             "experiment": "bench_train",
             "clip": {
                 "model": "bench",
-                "pretrained": None,
+                "pretrained": "random",
                 "model_config": SETUP.clip,
                 "image_size": SETUP.image_size,
                 "templates": "official-single",

@@ -145,7 +145,7 @@ def weights_digest(clip: ClipConfig) -> str:
 
     - a weights file: `sha256:<file digest>` (plus the model config's digest if given);
     - an open_clip pretrained tag: `open_clip:<model>/<tag>` (open_clip pins those files);
-    - no weights (`pretrained=None`, random init, tests and benchmarks only):
+    - `pretrained: random` (seeded random init, tests and benchmarks only):
       `config-sha256:<digest of the model config>`; such caches are only consistent with
       the very model object that wrote them.
     """
@@ -160,7 +160,7 @@ def weights_digest(clip: ClipConfig) -> str:
             cfg_text = _canonical_json(json.loads(path.read_text()))
         parts.append("config-sha256:" + hashlib.sha256(cfg_text.encode()).hexdigest())
     pretrained = clip.pretrained
-    if pretrained:
+    if pretrained and pretrained != "random":
         path = Path(pretrained)
         if path.is_file():
             parts.insert(0, "sha256:" + file_sha256(path))

@@ -23,10 +23,11 @@ class ConfigError(ValueError):
 class ClipConfig:
     """Which CLIP to load and how.
 
-    Exactly one way to name the weights: `pretrained` is an open_clip tag ("openai") or a
-    path to a weights file; `model_config` is a path to an open_clip model-config JSON (or
-    an inline dict) for models open_clip does not ship, such as the shapes world's small
-    CLIP or the tiny test models.
+    `pretrained` names the weights: an open_clip tag ("openai"), a path to a weights file,
+    or "random" for a seeded random CLIP (tests, smoke runs; never implied by a missing
+    value). `model_config` is a path to an open_clip model-config JSON (or an inline
+    dict) for models open_clip does not ship, such as the shapes world's small CLIP or
+    the tiny test models.
     """
 
     model: str = "ViT-B-16-quickgelu"

@@ -94,7 +94,7 @@ def world(tmp_path_factory):
     root = tmp / "data"
     _write_dataset(root)
     torch.manual_seed(0)
-    clip, _ = load_clip(ClipConfig(model="tiny", pretrained=None, model_config=TINY_CLIP_CONFIG,
+    clip, _ = load_clip(ClipConfig(model="tiny", pretrained="random", model_config=TINY_CLIP_CONFIG,
                                          image_size=32))
     weights = tmp / "tiny_clip.pt"
     torch.save(clip.state_dict(), weights)

@@ -14,7 +14,8 @@ from cascade_clip.model.head import nga_init
 
 
 def _clip(cfg_dict, image_size=32):
-    return load_clip(ClipConfig(model="tiny", pretrained=None, model_config=cfg_dict, image_size=image_size))
+    cfg = ClipConfig(model="tiny", pretrained="random", model_config=cfg_dict, image_size=image_size)
+    return load_clip(cfg)
 
 
 def _text(k=5, c=32, seed=0):
@@ -233,7 +234,18 @@ def test_predict_labels_resizes_back():
 
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="unknown open_clip model 'ViT-Nope'"):
-        load_clip(ClipConfig(model="ViT-Nope", pretrained=None))
+        load_clip(ClipConfig(model="ViT-Nope", pretrained="random"))
+
+
+def test_clip_without_weights_must_be_asked_for_by_name(tiny_clip_config):
+    """pretrained: null no longer means a silent random CLIP; "random" is the explicit way."""
+    for model_config in (tiny_clip_config, None):
+        cfg = ClipConfig(model="ViT-B-16", pretrained=None, model_config=model_config, image_size=32)
+        with pytest.raises(ValueError, match="clip.pretrained is None: name the weights.*'random'"):
+            load_clip(cfg)
+    a, _ = load_clip(ClipConfig(model="t", pretrained="random", model_config=tiny_clip_config, image_size=32))
+    b, _ = load_clip(ClipConfig(model="t", pretrained="random", model_config=tiny_clip_config, image_size=32))
+    assert torch.equal(a.visual.conv1.weight, b.visual.conv1.weight)  # seeded: the same network
 
 
 def test_missing_weights_file(tmp_path, tiny_clip_config):

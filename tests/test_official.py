@@ -319,7 +319,9 @@ def test_cls_token_official_doubles_the_class_embedding(tiny_clip_config):
     from cascade_clip.model import load_clip
     from cascade_clip.model.encoder import TappedEncoder
 
-    clip, _ = load_clip(ClipConfig(model="t", pretrained=None, model_config=tiny_clip_config, image_size=32))
+    clip, _ = load_clip(
+        ClipConfig(model="t", pretrained="random", model_config=tiny_clip_config, image_size=32)
+    )
     images = torch.randn(1, 3, 32, 32)
     official = TappedEncoder(clip.visual, [4], cls_token="official")
     standard = TappedEncoder(clip.visual, [4], cls_token="standard")
@@ -336,10 +338,11 @@ def test_pos_resize_bilinear_is_the_default_and_bicubic_an_option(tiny_clip_conf
     from cascade_clip.model import load_clip
 
     def pos(**kw) -> torch.Tensor:
-        cfg = ClipConfig(model="t", pretrained=None, model_config=tiny_clip_config, image_size=64, **kw)
+        cfg = ClipConfig(model="t", pretrained="random", model_config=tiny_clip_config, image_size=64, **kw)
         return load_clip(cfg)[0].visual.positional_embedding.detach()
 
-    src = load_clip(ClipConfig(model="t", pretrained=None, model_config=tiny_clip_config, image_size=32))[0]
+    src_cfg = ClipConfig(model="t", pretrained="random", model_config=tiny_clip_config, image_size=32)
+    src = load_clip(src_cfg)[0]
     grid = src.visual.positional_embedding.detach()[1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
     bilinear = F.interpolate(grid, size=(8, 8), mode="bilinear", align_corners=False)
     bilinear = bilinear.permute(0, 2, 3, 1).reshape(64, -1)

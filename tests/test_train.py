@@ -78,7 +78,7 @@ def tiny_config(root: Path, clip_config: dict, **train: object) -> Config:
         experiment="tiny",
         clip=ClipConfig(
             model="tiny",
-            pretrained=None,
+            pretrained="random",
             model_config=clip_config,
             image_size=32,
             templates="official-single",

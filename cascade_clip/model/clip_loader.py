@@ -16,8 +16,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cascade_clip.config import ClipConfig
+from cascade_clip.config import ClipConfig, ConfigError
 
+# `clip.pretrained: random`: a seeded random CLIP, asked for by name (tests, smoke runs).
+RANDOM_WEIGHTS = "random"
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
@@ -112,10 +114,16 @@ def load_clip(cfg: ClipConfig) -> tuple[torch.nn.Module, Any]:
     """
     import open_clip
 
+    if not cfg.pretrained:
+        # A CLIP without weights would run silently as random features: ask for it by name.
+        raise ConfigError(
+            f"clip.pretrained is {cfg.pretrained!r}: name the weights (an open_clip tag such as "
+            f"openai, or a weights file), or '{RANDOM_WEIGHTS}' for a seeded random CLIP (tests, smoke runs)"
+        )
     if cfg.model_config is not None:
         model_cfg = _read_model_config(cfg.model_config)
-        # Seeded, so a CLIP with no weights file (tests, smoke runs) is the same random
-        # network in every stage that builds it; the caller's RNG stream is left untouched.
+        # Seeded, so a random CLIP (tests, smoke runs) and the random init under a weights
+        # file are the same network in every stage; the caller's RNG stream is untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = _build_from_config(open_clip, model_cfg)
@@ -130,7 +138,7 @@ def load_clip(cfg: ClipConfig) -> tuple[torch.nn.Module, Any]:
             tokenizer = open_clip.SimpleTokenizer(
                 context_length=model_cfg.get("text_cfg", {}).get("context_length", 77)
             )
-        if cfg.pretrained:
+        if cfg.pretrained != RANDOM_WEIGHTS:
             _load_weights(model, cfg.pretrained)
     else:
         if cfg.model not in open_clip.list_models():
@@ -142,7 +150,11 @@ def load_clip(cfg: ClipConfig) -> tuple[torch.nn.Module, Any]:
         if cfg.pretrained == "openai" or (cfg.pretrained or "").endswith("openai"):
             kwargs["force_quick_gelu"] = True  # OpenAI weights were trained with QuickGELU
         pretrained = cfg.pretrained
-        if pretrained and _looks_like_path(pretrained):
+        if pretrained == RANDOM_WEIGHTS:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = open_clip.create_model(cfg.model, pretrained=None, **kwargs)
+        elif _looks_like_path(pretrained):
             model = open_clip.create_model(cfg.model, pretrained=None, **kwargs)
             _load_weights(model, pretrained)
         else:
