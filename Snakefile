@@ -8,6 +8,8 @@
 
 from snakemake.utils import min_version, validate
 
+from cascade_clip.config import config_from_dict
+
 min_version("8.0")
 
 
@@ -19,6 +21,9 @@ if not workflow.overwrite_configfiles:
 
 
 validate(config, "workflow/schemas/config.schema.yaml", set_default=True)
+# The CLI's validator on the same config (the schema again, then the cross-field checks),
+# so the workflow and every stage accept exactly the same configs.
+config_from_dict(config, "the workflow config")
 
 
 include: "workflow/rules/common.smk"

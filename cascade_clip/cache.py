@@ -72,6 +72,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import cascade_clip
 from cascade_clip.config import ClipConfig, Config
+from cascade_clip.errors import InputError, MissingInputError
 from cascade_clip.model.encoder import TapFeatures
 
 CACHE_FORMAT_VERSION = 1
@@ -104,7 +105,7 @@ PROVENANCE_FIELDS = (
 )
 
 
-class CacheError(ValueError):
+class CacheError(InputError):
     """A feature or text cache is missing, incomplete, corrupt, or does not fit the config."""
 
 
@@ -156,7 +157,7 @@ def weights_digest(clip: ClipConfig) -> str:
         else:
             path = Path(clip.model_config)
             if not path.is_file():
-                raise FileNotFoundError(f"{path}: open_clip model config not found")
+                raise MissingInputError(f"{path}: open_clip model config not found")
             cfg_text = _canonical_json(json.loads(path.read_text()))
         parts.append("config-sha256:" + hashlib.sha256(cfg_text.encode()).hexdigest())
     pretrained = clip.pretrained
@@ -165,7 +166,7 @@ def weights_digest(clip: ClipConfig) -> str:
         if path.is_file():
             parts.insert(0, "sha256:" + file_sha256(path))
         elif "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt")):
-            raise FileNotFoundError(f"{path}: CLIP weights file not found")
+            raise MissingInputError(f"{path}: CLIP weights file not found")
         else:
             parts.insert(0, f"open_clip:{clip.model}/{pretrained}")
     if not parts:
@@ -264,9 +265,9 @@ def parse_shard(spec: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in spec.split("/"))
     except ValueError:
-        raise ValueError(f"shard {spec!r} is not of the form I/N (e.g. 0/4)") from None
+        raise InputError(f"shard {spec!r} is not of the form I/N (e.g. 0/4)") from None
     if n < 1 or not 0 <= i < n:
-        raise ValueError(f"shard {spec!r}: need 0 <= I < N")
+        raise InputError(f"shard {spec!r}: need 0 <= I < N")
     return i, n
 
 
@@ -283,7 +284,7 @@ def _open_h5(path: str | Path, mode: str = "r") -> h5py.File:
     """h5py.File with a one-line error naming the file for a missing or unreadable one."""
     path = Path(path)
     if mode in ("r", "r+") and not path.is_file():
-        raise FileNotFoundError(f"{path}: cache file not found")
+        raise MissingInputError(f"{path}: cache file not found")
     if mode not in ("r", "r+"):
         return h5py.File(path, mode)  # creating: OSError (disk full) is the caller's to report
     try:
@@ -458,17 +459,17 @@ def build_model(cfg: Config, device: str | torch.device = "cpu") -> torch.nn.Mod
 
 def _check_writable_config(cfg: Config, split: str) -> None:
     if cfg.model.encoder_mode != "frozen":
-        raise ValueError(
+        raise InputError(
             f"model.encoder_mode is {cfg.model.encoder_mode!r}: the encoder trains (prompts), so its "
             "features cannot be cached; the cache is for encoder_mode: frozen"
         )
     if split != cfg.dataset.train_split:
-        raise ValueError(
+        raise InputError(
             f"split {split!r} is not cached: only the training split ({cfg.dataset.train_split!r}) is. "
             "Validation is evaluated online with sliding windows (see cascade_clip.cache)"
         )
     if cfg.train.augment.crop_size != cfg.clip.image_size:
-        raise ValueError(
+        raise InputError(
             f"train.augment.crop_size {cfg.train.augment.crop_size} differs from clip.image_size "
             f"{cfg.clip.image_size}: the encoder input is the crop"
         )
@@ -764,7 +765,7 @@ def join_shards(inputs: Sequence[str | Path], out: str | Path, overwrite: bool =
     for p in map(Path, inputs):
         if not p.is_file():
             extra = " (a .partial exists: the shard did not finish)" if partial_path(p).exists() else ""
-            raise FileNotFoundError(f"{p}: shard file not found{extra}")
+            raise MissingInputError(f"{p}: shard file not found{extra}")
         with _open_h5(p) as f:
             attrs = _check_shard_file(f, p)
             if _done_prefix(f) != attrs["num_rows"]:
@@ -782,7 +783,7 @@ def join_shards(inputs: Sequence[str | Path], out: str | Path, overwrite: bool =
             raise CacheError(f"{p}: shard {attrs['shard_index']} given twice (also {other})")
         shards[attrs["shard_index"]] = (p, attrs, meta)
     if first is None:
-        raise ValueError("cache-join: no shard files given")
+        raise InputError("cache-join: no shard files given")
     count = int(first[1]["shard_count"])
     missing = [i for i in range(count) if i not in shards]
     if missing:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from cascade_clip.config import Config
+from cascade_clip.errors import InputError, MissingInputError
 
 # 2: decoder input adapter optional (model.decoder.input_adapter), vpt prompt_norm, CLS mode.
 CHECKPOINT_VERSION = 2
@@ -63,15 +64,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     file is a one-line error naming it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
+        raise MissingInputError(f"{path}: checkpoint not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a truncated or foreign file
-        raise ValueError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from None
+        raise InputError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ValueError(f"{path}: not a cascade-clip checkpoint (no 'model' and 'config' entries)")
+        raise InputError(f"{path}: not a cascade-clip checkpoint (no 'model' and 'config' entries)")
     if state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(
+        raise InputError(
             f"{path}: checkpoint version {state.get('version')!r}, this code reads {CHECKPOINT_VERSION}"
         )
     return state
@@ -115,7 +116,7 @@ def check_model_config(state: dict[str, Any], cfg: Config, path: str | Path) -> 
 
     diffs = config_differences(state["config"], config_to_dict(cfg))
     if diffs:
-        raise ValueError(f"{path}: checkpoint is from a different model config: {'; '.join(diffs)}")
+        raise InputError(f"{path}: checkpoint is from a different model config: {'; '.join(diffs)}")
 
 
 def check_checkpoint(
@@ -134,18 +135,18 @@ def check_checkpoint(
     if saved is not None:
         current = weights_digest(cfg.clip)
         if saved != current:
-            raise ValueError(
+            raise InputError(
                 f"{path}: trained on another CLIP (weights {saved}); the config loads {current} "
                 "(clip.model / clip.pretrained / clip.model_config)"
             )
     if classes is not None and "classes" in state and list(state["classes"]) != list(classes):
-        raise ValueError(
+        raise InputError(
             f"{path}: trained on classes {list(state['classes'])[:4]}... ({len(state['classes'])}); "
             f"dataset {cfg.dataset.name} has {list(classes)[:4]}... ({len(classes)}) "
             "(dataset.name / dataset.root)"
         )
     if unseen is not None and "unseen" in state and sorted(state["unseen"]) != sorted(unseen):
-        raise ValueError(
+        raise InputError(
             f"{path}: trained with unseen classes {sorted(state['unseen'])}; the config's are "
             f"{sorted(unseen)} (dataset.unseen)"
         )

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from cascade_clip.config import ConfigError
+from cascade_clip.errors import CascadeClipError
 
 # name -> module, in pipeline order (this is also the order `--help` lists them in).
 COMMANDS = {
@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        # Bad input is reported in one line naming the file and the problem.
+    except CascadeClipError as err:
+        # Bad input (and other expected failures) in one line naming the file or key; any
+        # other exception is a bug and keeps its traceback.
         print(f"cascade-clip {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

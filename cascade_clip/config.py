@@ -1,21 +1,28 @@
 """Experiment configuration: one YAML file per experiment, one dataclass per section.
 
 The YAML layout (see config/config.yaml) mirrors these dataclasses section by section.
-Snakemake validates the same file against workflow/schemas/config.schema.yaml; the
-dataclasses are the package's own check, so every CLI stage refuses a wrong key by name.
+One validator decides what a valid config is: the JSON schema `config.schema.yaml` beside
+this file (also `workflow/schemas/config.schema.yaml`, a link to it) with its types,
+ranges and choices, then the cross-field checks of `_check`. Every CLI stage applies both
+after `--set` overrides, and the Snakefile applies both to the workflow's config, so the
+two accept exactly the same configs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from cascade_clip.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A configuration value is missing, unknown or out of range."""
 
 
@@ -171,9 +178,35 @@ class Config:
         return Path(self.results_dir) / self.experiment
 
 
-# Top-level keys that belong to other consumers (Snakemake rules, generators) and that the
-# dataclasses keep verbatim in Config.extra.
-EXTRA_SECTIONS = ("shapes", "pretrain", "ablations", "workflow", "cross_eval")
+# Top-level keys that belong to other consumers (Snakemake rules, generators, downloads)
+# and that the dataclasses keep verbatim in Config.extra.
+EXTRA_SECTIONS = ("shapes", "pretrain", "ablations", "workflow", "cross_eval", "sources")
+
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+_NUMBER_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+@functools.cache
+def config_schema() -> dict[str, Any]:
+    """The JSON schema of an experiment config (types, ranges, choices)."""
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def validate_config_dict(data: Any, source: str = "config") -> None:
+    """Check a parsed config against the JSON schema; the most relevant violation becomes
+    one ConfigError naming the key."""
+    import jsonschema
+    from jsonschema.exceptions import best_match
+
+    validator = jsonschema.Draft202012Validator(config_schema())
+    error = best_match(validator.iter_errors(data))
+    if error is None:
+        return
+    where = ".".join(str(p) for p in error.absolute_path) or "top level"
+    hint = ""
+    if isinstance(error.instance, str) and _NUMBER_TEXT.match(error.instance):
+        hint = " (YAML reads 1e-3 as text: write 1.0e-3)"
+    raise ConfigError(f"{source}: {where}: {error.message}{hint}")
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -224,7 +257,8 @@ def _coerce(default: Any, value: Any, where: str) -> Any:
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
-    """Build a Config from a plain dict (a parsed YAML file), refusing unknown keys."""
+    """Validate a plain dict (a parsed YAML file) and build its Config."""
+    validate_config_dict(data, source)
     data = dict(data or {})
     extra = {k: data.pop(k) for k in EXTRA_SECTIONS if k in data}
     cfg = _build(Config, data, source)
@@ -247,8 +281,13 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
+        for depth, key in enumerate(parents):
+            if node.get(key) is None:  # absent, or `section:` left empty in the YAML
+                node[key] = {}
+            node = node[key]
+            if not isinstance(node, dict):
+                where = ".".join(parents[: depth + 1])
+                raise ConfigError(f"{path}: --set {dotted}: {where} is {type(node).__name__}, not a section")
         node[leaf] = value
     return config_from_dict(data, str(path))
 
@@ -277,15 +316,19 @@ def _check(cfg: Config, where: str) -> None:
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """["train.iters=10", "model.stages=[[12]]"] -> {"train.iters": 10, "model.stages": [[12]]}.
 
-    Values are parsed as YAML, so numbers, booleans and lists come out typed. The workflow
-    uses this to run ablations of one config (`--set model.cascade=false`).
+    Values are parsed as YAML, so numbers, booleans and lists come out typed; "1e-3",
+    which YAML reads as text, is a number here. The workflow uses this to run ablations of
+    one config (`--set model.cascade=false`).
     """
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        out[key.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str) and _NUMBER_TEXT.match(parsed.strip()):
+            parsed = float(parsed)
+        out[key.strip()] = parsed
     return out
 
 

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from cascade_clip.errors import InputError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -47,7 +49,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value) if value else default
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        raise InputError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def init_distributed(device: str | None = None) -> DistEnv:
@@ -62,7 +64,7 @@ def init_distributed(device: str | None = None) -> DistEnv:
     local_rank = _env_int("LOCAL_RANK", rank)
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no GPU is visible")
+        raise InputError("device 'cuda' requested but no GPU is visible")
     if use_cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         dev = torch.device("cuda", torch.cuda.current_device())
@@ -176,9 +178,9 @@ class ShardedInfiniteSampler(torch.utils.data.Sampler):
         shuffle: bool = True,
     ):
         if size <= 0:
-            raise ValueError("cannot sample from an empty dataset")
+            raise InputError("cannot sample from an empty dataset")
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+            raise InputError(f"rank {rank} outside 0..{world_size - 1}")
         self.size, self.rank, self.world_size = size, rank, world_size
         self.seed, self.start, self.shuffle = seed, start, shuffle
 

@@ -26,6 +26,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from tqdm import tqdm
 
+from cascade_clip.errors import CascadeClipError, InputError, MissingInputError
+
 log = logging.getLogger(__name__)
 
 # HTTP statuses worth another try; anything else 4xx/5xx is final.
@@ -33,15 +35,15 @@ TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 CHUNK = 1 << 20
 
 
-class DownloadError(RuntimeError):
+class DownloadError(CascadeClipError, RuntimeError):
     """A download failed for good (a final HTTP status, or retries exhausted)."""
 
 
-class ChecksumError(ValueError):
+class ChecksumError(InputError):
     """A downloaded file's digest differs from the expected one."""
 
 
-class UnsafeArchiveError(ValueError):
+class UnsafeArchiveError(InputError):
     """An archive member would land outside the destination; nothing was extracted."""
 
 
@@ -65,7 +67,7 @@ def _expected(md5: str | None, sha1: str | None, sha256: str | None) -> dict[str
         if value:
             value = value.strip().lower()
             if not re.fullmatch(rf"[0-9a-f]{{{size}}}", value):
-                raise ValueError(f"{name} digest {value!r} is not {size} hex digits")
+                raise InputError(f"{name} digest {value!r} is not {size} hex digits")
             out[name] = value
     return out
 
@@ -83,7 +85,7 @@ def recorded_digest(dest: str | Path) -> str | None:
         return None
     fields = record.read_text().split()
     if not fields or not re.fullmatch(r"[0-9a-f]{64}", fields[0].lower()):
-        raise ValueError(f"{record}: not a sha256 record (expected '<64 hex digits>  <file name>'); "
+        raise InputError(f"{record}: not a sha256 record (expected '<64 hex digits>  <file name>'); "
                          "delete it to record the digest again")
     return fields[0].lower()
 
@@ -325,7 +327,7 @@ def extract(archive: str | Path, dest_dir: str | Path) -> Path:
     """
     archive, dest_dir = Path(archive), Path(dest_dir)
     if not archive.is_file():
-        raise FileNotFoundError(f"{archive}: archive not found")
+        raise MissingInputError(f"{archive}: archive not found")
     marker = _marker(archive, dest_dir)
     stamp = _archive_stamp(archive)
     if marker.is_file():
@@ -339,21 +341,21 @@ def extract(archive: str | Path, dest_dir: str | Path) -> Path:
         with zipfile.ZipFile(archive) as zf:
             members = _zip_members(zf, archive)
             if not members:
-                raise ValueError(f"{archive}: archive is empty; nothing to extract")
+                raise InputError(f"{archive}: archive is empty; nothing to extract")
             dest_dir.mkdir(parents=True, exist_ok=True)
             zf.extractall(dest_dir, members)
     elif tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tar:
             members = _tar_members(tar, archive)
             if not members:
-                raise ValueError(f"{archive}: archive is empty; nothing to extract")
+                raise InputError(f"{archive}: archive is empty; nothing to extract")
             dest_dir.mkdir(parents=True, exist_ok=True)
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(dest_dir, members, filter="data")
             else:  # pragma: no cover - Python without extraction filters
                 tar.extractall(dest_dir, members)
     else:
-        raise ValueError(f"{archive}: not a tar or zip archive")
+        raise InputError(f"{archive}: not a tar or zip archive")
     marker.write_text(json.dumps(stamp))
     return dest_dir
 
@@ -375,24 +377,24 @@ def load_sources(path: str | Path | None = None) -> dict[str, list[dict]]:
     else:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: sources file not found")
+            raise MissingInputError(f"{path}: sources file not found")
         text, where = path.read_text(), str(path)
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise ValueError(f"{where}: not valid YAML ({err})") from None
+        raise InputError(f"{where}: not valid YAML ({err})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: top level must map dataset names to {{files: [...]}}")
+        raise InputError(f"{where}: top level must map dataset names to {{files: [...]}}")
     out = {}
     for dataset, section in data.items():
         files_ = section.get("files") if isinstance(section, dict) else None
         if not isinstance(files_, list) or not files_:
-            raise ValueError(f"{where}: {dataset}: expected a non-empty 'files' list")
+            raise InputError(f"{where}: {dataset}: expected a non-empty 'files' list")
         for entry in files_:
             if not isinstance(entry, dict) or not entry.get("name") or not entry.get("url"):
-                raise ValueError(f"{where}: {dataset}: every file needs a name and a url")
+                raise InputError(f"{where}: {dataset}: every file needs a name and a url")
             if "/" in entry["name"] or entry["name"] in (".", ".."):
-                raise ValueError(f"{where}: {dataset}: file name {entry['name']!r} must be a plain name")
+                raise InputError(f"{where}: {dataset}: file name {entry['name']!r} must be a plain name")
         out[dataset] = files_
     return out
 
@@ -415,7 +417,7 @@ def fetch_dataset(
     if isinstance(sources.get(dataset), dict):  # the YAML layout {dataset: {files: [...]}}
         sources = {dataset: sources[dataset].get("files") or []}
     if dataset not in sources:
-        raise ValueError(f"no download sources for {dataset!r}; known: {sorted(sources)}")
+        raise InputError(f"no download sources for {dataset!r}; known: {sorted(sources)}")
     folder = Path(root) / dataset
     for entry in sources[dataset]:
         url = f"{base_url.rstrip('/')}/{entry['name']}" if base_url else entry["url"]

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from cascade_clip.checkpoint import check_checkpoint, load_checkpoint
 from cascade_clip.config import Config
 from cascade_clip.distributed import DistEnv, all_reduce_max, all_reduce_sum, init_distributed
+from cascade_clip.errors import InputError
 from cascade_clip.inference import calibrate, predict_labels, sliding_window_scores
 from cascade_clip.metrics import confusion_matrix, summarize
 from cascade_clip.model import CascadeCLIP, TappedEncoder, load_clip
@@ -78,9 +79,9 @@ def load_model(
 ) -> tuple[nn.Module, nn.Module, Any, dict[str, Any] | None]:
     """(segmenter, clip, tokenizer, checkpoint state or None), the segmenter in eval mode."""
     if baseline is not None and baseline not in BASELINES:
-        raise ValueError(f"unknown baseline {baseline!r}; expected one of {BASELINES}")
+        raise InputError(f"unknown baseline {baseline!r}; expected one of {BASELINES}")
     if baseline is None and checkpoint is None:
-        raise ValueError("a checkpoint is needed (or --baseline dense for frozen CLIP alone)")
+        raise InputError("a checkpoint is needed (or --baseline dense for frozen CLIP alone)")
     state = None
     if baseline is None:
         state = load_checkpoint(checkpoint)
@@ -261,12 +262,12 @@ def evaluate(
     unseen_ids = {names.index(n) for n in unseen_names if n in names}
     if len(unseen_ids) != len(set(unseen_names)):
         missing = sorted(set(unseen_names) - set(names))
-        raise ValueError(f"{cfg.dataset.root}: unseen class(es) {missing} are not classes of the dataset")
+        raise InputError(f"{cfg.dataset.root}: unseen class(es) {missing} are not classes of the dataset")
     seen_ids = [i for i in range(len(names)) if i not in unseen_ids]
 
     # 3. model and class text embeddings (every class is a query at evaluation)
     if cfg.evaluate.crop_size != cfg.clip.image_size:
-        raise ValueError(
+        raise InputError(
             f"evaluate.crop_size {cfg.evaluate.crop_size} must equal clip.image_size {cfg.clip.image_size}"
         )
     model, clip, tokenizer, state = load_model(cfg, checkpoint, baseline, env.device)

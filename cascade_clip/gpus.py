@@ -36,10 +36,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
+from cascade_clip.errors import InputError
+
 LOCK_DIR_NAME = "cascade-clip-gpu-locks"
 
 
-class GpuLockDirError(ValueError):
+class GpuLockDirError(InputError):
     """The lock folder is unsafe to use (a ValueError, so the CLI prints it in one line)."""
 
 
@@ -164,14 +166,14 @@ def acquire_gpus(
     Yields the held entries as the pool spells them, in pool order.
     """
     if count < 0:
-        raise ValueError(f"cannot ask for {count} GPUs")
+        raise InputError(f"cannot ask for {count} GPUs")
     if pool is None:
         pool, origin = gpu_pool(), pool_origin()
     else:
         pool, origin = list(dict.fromkeys(pool)), "the given pool"
     if count > len(pool):
         listed = ",".join(pool) or "none"
-        raise ValueError(f"asked for {count} GPUs but the pool has {len(pool)} ({listed}, from {origin})")
+        raise InputError(f"asked for {count} GPUs but the pool has {len(pool)} ({listed}, from {origin})")
     if count == 0:
         yield []
         return
@@ -208,7 +210,7 @@ def run_on_gpus(
 ) -> int:
     """Run `command` with CUDA_VISIBLE_DEVICES set to `count` GPUs locked for its lifetime."""
     if not command:
-        raise ValueError("gpu-run needs a command after --")
+        raise InputError("gpu-run needs a command after --")
     with acquire_gpus(count, pool=pool, lock_dir=lock_dir) as gpus:
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(gpus))
         return subprocess.call(list(command), env=env)

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from cascade_clip.errors import InputError
+
 
 def _as_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
@@ -26,13 +28,13 @@ def confusion_matrix(pred: Any, target: Any, num_classes: int, ignore_index: int
     """
     pred, target = _as_numpy(pred), _as_numpy(target)
     if pred.shape != target.shape:
-        raise ValueError(f"pred shape {pred.shape} != target shape {target.shape}")
+        raise InputError(f"pred shape {pred.shape} != target shape {target.shape}")
     keep = target != ignore_index
     p = pred[keep].astype(np.int64).ravel()
     t = target[keep].astype(np.int64).ravel()
     for name, arr in (("target", t), ("pred", p)):
         if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
-            raise ValueError(f"{name} holds class ids outside 0..{num_classes - 1}")
+            raise InputError(f"{name} holds class ids outside 0..{num_classes - 1}")
     return (
         np.bincount(t * num_classes + p, minlength=num_classes**2)
         .reshape(num_classes, num_classes)
@@ -71,10 +73,10 @@ def summarize(
     class_names = list(class_names)
     confusion = np.asarray(confusion)
     if confusion.shape != (len(class_names), len(class_names)):
-        raise ValueError(f"confusion matrix {confusion.shape} does not fit {len(class_names)} classes")
+        raise InputError(f"confusion matrix {confusion.shape} does not fit {len(class_names)} classes")
     unknown = sorted(set(unseen_names) - set(class_names))
     if unknown:
-        raise ValueError(f"unseen class name(s) {unknown} are not among the classes")
+        raise InputError(f"unseen class name(s) {unknown} are not among the classes")
     iou = per_class_iou(confusion) * 100.0
     unseen = np.array([n in set(unseen_names) for n in class_names])
     miou_seen = _nanmean(iou[~unseen])

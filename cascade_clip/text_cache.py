@@ -28,6 +28,7 @@ import torch
 import cascade_clip
 from cascade_clip.cache import CacheError, CacheMismatchError, _attrs, _open_h5, partial_path, weights_digest
 from cascade_clip.config import Config
+from cascade_clip.errors import InputError
 
 TEXT_FORMAT_VERSION = 1
 TEXT_KIND = "cascade-clip/text-embeddings"
@@ -80,9 +81,9 @@ def write_text_embeddings(path: str | Path, cfg: Config, embeddings: torch.Tenso
     """Store `embeddings` (K, C) with provenance; written to a temp name, then renamed."""
     path = Path(path)
     if embeddings.dim() != 2 or embeddings.shape[0] != len(names):
-        raise ValueError(f"{path}: embeddings {tuple(embeddings.shape)} do not fit {len(names)} class names")
+        raise InputError(f"{path}: embeddings {tuple(embeddings.shape)} do not fit {len(names)} class names")
     if not torch.isfinite(embeddings).all():
-        raise ValueError(f"{path}: non-finite text embeddings, refusing to store them")
+        raise InputError(f"{path}: non-finite text embeddings, refusing to store them")
     prov = text_provenance(cfg, names)
     tmp = partial_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

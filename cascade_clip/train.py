@@ -58,6 +58,7 @@ from cascade_clip.distributed import (
     init_distributed,
     wrap_ddp,
 )
+from cascade_clip.errors import CascadeClipError, InputError
 from cascade_clip.kernels import sigmoid_focal_dice_loss
 from cascade_clip.model import CascadeCLIP, TapFeatures, config_class_embeddings, load_clip
 
@@ -67,7 +68,7 @@ UNSEEN_INDEX = 254  # == cascade_clip.data.UNSEEN_INDEX
 SETTINGS = ("inductive", "transductive", "fully_supervised")
 
 
-class NonFiniteLossError(ValueError):
+class NonFiniteLossError(CascadeClipError, ValueError):
     """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
 
 
@@ -142,7 +143,7 @@ def text_embeddings(
 
     emb, cached_names = load_text_embeddings(text_path, cfg)
     if tuple(cached_names) != tuple(names):
-        raise ValueError(
+        raise InputError(
             f"{text_path}: text embeddings are for classes {list(cached_names)[:4]}..., "
             f"the dataset has {list(names)[:4]}... ({len(cached_names)} vs {len(names)})"
         )
@@ -239,7 +240,7 @@ class TrainStep(nn.Module):
 def square_grid(n: int) -> tuple[int, int]:
     side = math.isqrt(n)
     if side * side != n:
-        raise ValueError(f"{n} cached tokens per image do not form a square grid")
+        raise InputError(f"{n} cached tokens per image do not form a square grid")
     return side, side
 
 
@@ -276,7 +277,7 @@ def cache_tap_rows(dataset: Any, blocks: list[int], where: str) -> list[int] | N
     cached = [int(b) for b in cached]
     missing = [b for b in blocks if b not in cached]
     if missing:
-        raise ValueError(f"{where}: cache holds blocks {cached}, the model taps {blocks} ({missing} missing)")
+        raise InputError(f"{where}: cache holds blocks {cached}, the model taps {blocks} ({missing} missing)")
     rows = [cached.index(b) for b in blocks]
     return None if rows == list(range(len(cached))) else rows
 
@@ -285,7 +286,7 @@ def build_train_dataset(cfg: Config, setting: str, cache: str | Path | None) -> 
     """Cached frozen features (--cache) or images with the training augmentation."""
     if cache is not None:
         if cfg.model.encoder_mode != "frozen":
-            raise ValueError(f"{cache}: a feature cache serves encoder_mode 'frozen' only, not 'vpt'")
+            raise InputError(f"{cache}: a feature cache serves encoder_mode 'frozen' only, not 'vpt'")
         from cascade_clip.cache import FeatureCacheDataset
 
         return FeatureCacheDataset(cache, cfg, cfg.dataset.train_split, setting)
@@ -412,9 +413,9 @@ def train(
     out_dir = Path(out_dir)
     setting = cfg.train.setting
     if setting not in SETTINGS:
-        raise ValueError(f"train.setting must be one of {SETTINGS}, got {setting!r}")
+        raise InputError(f"train.setting must be one of {SETTINGS}, got {setting!r}")
     iters = cfg.self_train.iters if setting == "transductive" else cfg.train.iters
-    half_step = int(iters * cfg.self_train.start_fraction)
+    half_step = max(1, int(iters * cfg.self_train.start_fraction))
     ckpt_last, ckpt_half = out_dir / "ckpt_last.pt", out_dir / "ckpt_half.pt"
     final = out_dir / "model_final.pt"
     log_path = out_dir / "log.jsonl"
@@ -436,7 +437,7 @@ def train(
 
     # 3. model and text queries
     if cfg.train.augment.crop_size != cfg.clip.image_size and dataset is None and cache is None:
-        raise ValueError(
+        raise InputError(
             f"train.augment.crop_size {cfg.train.augment.crop_size} must equal clip.image_size "
             f"{cfg.clip.image_size} (the encoder's input)"
         )
@@ -461,7 +462,7 @@ def train(
     tap_rows = cache_tap_rows(dataset, CascadeCLIP.tapped_blocks(cfg.model), str(cache or "dataset"))
     batch_size = batch_size_per_process(cfg, setting)
     if len(dataset) < batch_size:
-        raise ValueError(f"{cache or cfg.dataset.root}: {len(dataset)} items, fewer than one batch")
+        raise InputError(f"{cache or cfg.dataset.root}: {len(dataset)} items, fewer than one batch")
 
     # 5. optimiser (the lr is set every step from `learning_rate`)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -477,11 +478,17 @@ def train(
         state = load_checkpoint(ckpt_last)
         check_checkpoint(state, cfg, ckpt_last, split.names, split.unseen_names)
         if state["setting"] != setting:
-            raise ValueError(f"{ckpt_last}: written by a {state['setting']} run, this run is {setting}")
+            raise InputError(f"{ckpt_last}: written by a {state['setting']} run, this run is {setting}")
         model.load_trainable_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed_before = int(state["step"]), float(state.get("elapsed", 0.0))
         consumed = int(state["sampler"]["consumed"])  # holds even if the world size changed
+        if step >= half_step and not ckpt_half.is_file():
+            # Its weights cannot be recomputed from a later step: never stand in the final ones.
+            raise InputError(
+                f"{ckpt_half}: missing, and {ckpt_last} is at step {step}, past the half-way step "
+                f"{half_step} it held; delete {ckpt_last} to train this run again from the start"
+            )
         saved_world = len(state["rng"])
         restore_rank_rng(state["rng"], env.rank, cfg.seed, step)
         if env.is_main:
@@ -582,7 +589,5 @@ def train(
     bar.close()
 
     if env.is_main:
-        if not ckpt_half.is_file():  # e.g. start_fraction 0
-            save(ckpt_half, full=False, elapsed=elapsed_before + time.time() - t_start)
         save(final, full=False, elapsed=elapsed_before + time.time() - t_start)
     return final

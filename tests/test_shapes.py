@@ -112,6 +112,6 @@ def test_make_shapes_command(tmp_path, capsys):
     assert main(["make-shapes", "--config", str(cfg), "--out", str(out)]) == 0
     assert len((out / "splits" / "train.txt").read_text().split()) == 3
     assert json.loads((out / "generator.json").read_text())["seed"] == 1
-    cfg.write_text("dataset: {name: shapes}\nshapes: {bogus: 1}\n")
+    cfg.write_text("experiment: t\ndataset: {name: shapes, root: unused}\nshapes: {bogus: 1}\n")
     assert main(["make-shapes", "--config", str(cfg), "--out", str(out)]) != 0
     assert "bogus" in capsys.readouterr().err

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cascade_clip.errors import InputError
+
 HELP = "Download a real dataset's archives (resumable, checksummed) and extract them."
 
 REAL_DATASETS = ("coco_stuff_164k", "voc12", "pascal_context_59")
@@ -34,11 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _pin(sources: dict[str, list[dict]], pins: dict, where: str) -> dict[str, list[dict]]:
     """Apply `sources.sha256` ({file name: digest}) of the config to the source entries."""
     if not isinstance(pins, dict):
-        raise ValueError(f"{where}: sources.sha256 must map file names to sha256 digests")
+        raise InputError(f"{where}: sources.sha256 must map file names to sha256 digests")
     known = {e["name"] for files in sources.values() for e in files}
     unknown = sorted(set(pins) - known)
     if unknown:
-        raise ValueError(f"{where}: sources.sha256 names {unknown}, which no dataset's sources list")
+        raise InputError(f"{where}: sources.sha256 names {unknown}, which no dataset's sources list")
     return {ds: [dict(e, sha256=str(pins[e["name"]])) if e["name"] in pins else e for e in files]
             for ds, files in sources.items()}
 
@@ -61,9 +63,9 @@ def run(args: argparse.Namespace) -> int:
         sources_file = sources_file or section.get("file")
         pins = section.get("sha256") or {}
     if not dataset:
-        raise ValueError("no dataset given: pass --dataset NAME or --config FILE")
+        raise InputError("no dataset given: pass --dataset NAME or --config FILE")
     if dataset not in REAL_DATASETS:
-        raise ValueError(f"dataset {dataset!r} is not downloaded; the shapes world is made by "
+        raise InputError(f"dataset {dataset!r} is not downloaded; the shapes world is made by "
                          "`cascade-clip make-shapes`")
     sources = _pin(load_sources(sources_file), pins, args.config)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cascade_clip.config import add_config_arguments
+from cascade_clip.errors import InputError
 
 HELP = "Evaluate a checkpoint: sliding-window inference, mIoU seen/unseen, hIoU."
 
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         cfg.dataset.name = args.dataset or read_dataset_json(args.dataset_root)["name"]
         cfg.dataset.unseen = []
     elif args.dataset is not None:
-        raise ValueError("--dataset names the dataset of --dataset-root; give both")
+        raise InputError("--dataset names the dataset of --dataset-root; give both")
     try:
         metrics = evaluate(
             cfg,

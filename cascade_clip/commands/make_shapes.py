@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from cascade_clip.config import add_config_arguments
+from cascade_clip.errors import InputError
 
 HELP = "Generate the embedded 'shapes' world (images, labels, captions) from a seed."
 
@@ -26,7 +27,7 @@ def shapes_settings(cfg: Any) -> dict[str, Any]:
     section = dict(cfg.extra.get("shapes") or {})
     unknown = sorted(set(section) - set(SHAPES_KEYS))
     if unknown:
-        raise ValueError(f"shapes: unknown key(s) {unknown}; allowed: {list(SHAPES_KEYS)}")
+        raise InputError(f"shapes: unknown key(s) {unknown}; allowed: {list(SHAPES_KEYS)}")
     section.setdefault("seed", cfg.seed)
     if cfg.dataset.unseen is not None:
         section["unseen"] = list(cfg.dataset.unseen)

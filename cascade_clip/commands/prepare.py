@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from cascade_clip.errors import InputError, MissingInputError
+
 HELP = "Convert a downloaded dataset to the common format (images, train-id PNG labels, splits)."
 
 REAL_DATASETS = ("coco_stuff_164k", "voc12", "pascal_context_59")
@@ -41,17 +43,17 @@ def run(args: argparse.Namespace) -> int:
         dataset = dataset or cfg.dataset.name
         out = out or cfg.dataset.root
     if not dataset:
-        raise ValueError("no dataset given: pass --dataset NAME or --config FILE")
+        raise InputError("no dataset given: pass --dataset NAME or --config FILE")
     if dataset not in CONVERTERS:
-        raise ValueError(f"dataset {dataset!r} is not converted; the shapes world is made by "
+        raise InputError(f"dataset {dataset!r} is not converted; the shapes world is made by "
                          "`cascade-clip make-shapes`")
     downloads = Path(args.downloads or "resources/downloads")
     src = downloads / dataset
     if not src.is_dir():
         if downloads.name == dataset and downloads.is_dir():
-            raise FileNotFoundError(f"{src}: download folder not found; --downloads takes the "
+            raise MissingInputError(f"{src}: download folder not found; --downloads takes the "
                                     f"download root that holds {dataset}/ (here {downloads.parent})")
-        raise FileNotFoundError(f"{src}: download folder not found (run `cascade-clip download "
+        raise MissingInputError(f"{src}: download folder not found (run `cascade-clip download "
                                 f"--dataset {dataset} --root {downloads}` first)")
     out = Path(out or f"resources/data/{dataset}")
     counts = CONVERTERS[dataset](src, out, workers=args.workers, link=not args.copy,

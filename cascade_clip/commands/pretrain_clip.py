@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cascade_clip.config import add_config_arguments
+from cascade_clip.errors import InputError
 
 HELP = "Pre-train the shapes world's small CLIP on images and image-level captions."
 
@@ -25,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     if cfg.dataset.name != "shapes":
-        raise ValueError(
+        raise InputError(
             f"{args.config}: pretrain-clip serves the shapes world only "
             f"(dataset.name is {cfg.dataset.name!r})"
         )

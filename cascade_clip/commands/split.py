@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from cascade_clip.config import add_config_arguments, config_from_args
+from cascade_clip.errors import InputError
 
 HELP = "Resolve the config's seen/unseen class names against the dataset and write split.json."
 
@@ -24,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     spec = get_spec(cfg.dataset.name, cfg.dataset.root)
     seen, unseen = resolve_split(spec, unseen_class_names(spec.name, cfg.dataset.unseen, cfg.dataset.root))
     if not seen:
-        raise ValueError(f"{args.config}: every class of {spec.name} is unseen; nothing to train on")
+        raise InputError(f"{args.config}: every class of {spec.name} is unseen; nothing to train on")
     split = {
         "dataset": spec.name,
         "classes": list(spec.classes),

@@ -36,6 +36,7 @@ from cascade_clip.data.registry import (
     CONTEXT_59_DETAIL_IDS,
     VOC_CLASSES,
 )
+from cascade_clip.errors import InputError, MissingInputError
 
 # --- common output helpers ----------------------------------------------------------------
 
@@ -43,14 +44,14 @@ from cascade_clip.data.registry import (
 def read_label_png(path: Path) -> np.ndarray:
     """A single-channel label PNG as a (H, W) uint8 array of raw indices (mode L or P)."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: label not found")
+        raise MissingInputError(f"{path}: label not found")
     try:
         with Image.open(path) as im:
             if im.mode not in ("L", "P"):
-                raise ValueError(f"{path}: label has mode {im.mode!r}; expected single-channel L or P")
+                raise InputError(f"{path}: label has mode {im.mode!r}; expected single-channel L or P")
             return np.array(im, dtype=np.uint8)
     except (OSError, SyntaxError) as err:
-        raise ValueError(f"{path}: unreadable label ({err})") from None
+        raise InputError(f"{path}: unreadable label ({err})") from None
 
 
 def write_label_png(path: Path, label: np.ndarray) -> None:
@@ -62,7 +63,7 @@ def write_label_png(path: Path, label: np.ndarray) -> None:
 def place_image(src: Path, dst: Path, link: bool = True) -> None:
     """Hard-link (or copy) a source image into the output tree, replacing what is there."""
     if not src.is_file():
-        raise FileNotFoundError(f"{src}: image not found")
+        raise MissingInputError(f"{src}: image not found")
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists() or dst.is_symlink():
         dst.unlink()
@@ -81,14 +82,14 @@ def image_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as im:
             w, h = im.size
     except (OSError, SyntaxError) as err:
-        raise ValueError(f"{path}: unreadable image ({err})") from None
+        raise InputError(f"{path}: unreadable image ({err})") from None
     return h, w
 
 
 def check_same_size(image: Path, label_path: Path, label: np.ndarray) -> None:
     hw = image_size(image)
     if tuple(label.shape[:2]) != hw:
-        raise ValueError(
+        raise InputError(
             f"{label_path}: label size {label.shape[1]}x{label.shape[0]} differs from image "
             f"{image} size {hw[1]}x{hw[0]}"
         )
@@ -134,7 +135,7 @@ def _map_all(fn: Callable, tasks: list, workers: int, desc: str) -> list:
 
 def _read_ids(path: Path) -> list[str]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: split list not found")
+        raise MissingInputError(f"{path}: split list not found")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -161,7 +162,7 @@ def convert_coco_stuff_label(label: np.ndarray, path: Path | str = "label") -> n
     values = np.unique(label)
     bad = [int(v) for v in values if 181 < v < 255]
     if bad:
-        raise ValueError(f"{path}: values {bad} are not COCO-Stuff ids 0..181 or 255")
+        raise InputError(f"{path}: values {bad} are not COCO-Stuff ids 0..181 or 255")
     return _COCO_LUT[label]
 
 
@@ -196,10 +197,10 @@ def convert_coco_stuff(
     for split, folder in splits.items():
         maps_dir = src / "stuffthingmaps" / folder
         if not maps_dir.is_dir():
-            raise FileNotFoundError(f"{maps_dir}: stuffthingmaps folder not found")
+            raise MissingInputError(f"{maps_dir}: stuffthingmaps folder not found")
         ids = sorted(p.stem for p in maps_dir.glob("*.png"))
         if not ids:
-            raise ValueError(f"{maps_dir}: no label PNGs found")
+            raise InputError(f"{maps_dir}: no label PNGs found")
         tasks = [
             (src / "images" / folder / f"{i}.jpg", maps_dir / f"{i}.png",
              out / "images" / split / f"{i}.jpg", out / "labels" / split / f"{i}.png", link)
@@ -224,7 +225,7 @@ def convert_voc_label(label: np.ndarray, path: Path | str = "label") -> np.ndarr
     values = np.unique(label)
     bad = [int(v) for v in values if 20 < v < 255]
     if bad:
-        raise ValueError(f"{path}: values {bad} are not VOC class indices 0..20 or 255")
+        raise InputError(f"{path}: values {bad} are not VOC class indices 0..20 or 255")
     lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     lut[1:21] = np.arange(20, dtype=np.uint8)
     return lut[label]
@@ -235,20 +236,20 @@ def read_sbd_mat(path: Path) -> np.ndarray:
     from scipy.io import loadmat
 
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: SBD label not found")
+        raise MissingInputError(f"{path}: SBD label not found")
     try:
         mat = loadmat(path, squeeze_me=True, struct_as_record=False)
     except Exception as err:  # scipy raises several types for a corrupt file
-        raise ValueError(f"{path}: unreadable .mat file ({err})") from None
+        raise InputError(f"{path}: unreadable .mat file ({err})") from None
     gt = mat.get("GTcls")
     seg = getattr(gt, "Segmentation", None)
     if seg is None:
-        raise ValueError(f"{path}: no GTcls.Segmentation in this .mat file")
+        raise InputError(f"{path}: no GTcls.Segmentation in this .mat file")
     seg = np.asarray(seg)
     if seg.ndim != 2:
-        raise ValueError(f"{path}: GTcls.Segmentation has shape {seg.shape}; expected (H, W)")
+        raise InputError(f"{path}: GTcls.Segmentation has shape {seg.shape}; expected (H, W)")
     if seg.min() < 0 or seg.max() > 255:
-        raise ValueError(f"{path}: GTcls.Segmentation values outside 0..255")
+        raise InputError(f"{path}: GTcls.Segmentation values outside 0..255")
     return seg.astype(np.uint8)
 
 
@@ -295,7 +296,7 @@ def convert_voc12_aug(
             if not lbl.is_file():
                 lbl = sbd / "cls" / f"{i}.mat"
                 if not lbl.is_file():
-                    raise FileNotFoundError(
+                    raise MissingInputError(
                         f"{voc / 'SegmentationClass' / (i + '.png')}: label not found "
                         f"(nor {lbl}) for {split} id {i}"
                     )
@@ -324,7 +325,7 @@ def _rle_counts_from_string(s: str) -> list[int]:
         x, k, more = 0, 0, True
         while more:
             if p >= n:
-                raise ValueError("truncated RLE string")
+                raise InputError("truncated RLE string")
             c = ord(s[p]) - 48
             x |= (c & 0x1F) << (5 * k)
             more = bool(c & 0x20)
@@ -345,14 +346,14 @@ def decode_rle(rle: dict, height: int | None = None, width: int | None = None) -
     column-major (Fortran) order. Raises ValueError for a malformed mask.
     """
     if not isinstance(rle, dict) or "counts" not in rle:
-        raise ValueError("segmentation is not an RLE mask (expected a dict with 'counts')")
+        raise InputError("segmentation is not an RLE mask (expected a dict with 'counts')")
     h, w = (int(v) for v in rle.get("size", (height, width)))
     counts = rle["counts"]
     if isinstance(counts, bytes):
         counts = counts.decode("ascii")
     runs = _rle_counts_from_string(counts) if isinstance(counts, str) else [int(c) for c in counts]
     if any(r < 0 for r in runs) or sum(runs) != h * w:
-        raise ValueError(f"RLE runs cover {sum(runs)} pixels, mask has {h}x{w}={h * w}")
+        raise InputError(f"RLE runs cover {sum(runs)} pixels, mask has {h}x{w}={h * w}")
     values = np.zeros(len(runs), dtype=bool)
     values[1::2] = True
     flat = np.repeat(values, runs)
@@ -379,11 +380,11 @@ def detail_class_mask(image: dict, anns: list[dict], where: str = "trainval_merg
         try:
             m = decode_rle(ann["segmentation"], h, w)
         except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(
+            raise InputError(
                 f"{where}: annotation {ann.get('id')} of image {image.get('image_id')}: {err}"
             ) from None
         if m.shape != (h, w):
-            raise ValueError(
+            raise InputError(
                 f"{where}: annotation {ann.get('id')} of image {image.get('image_id')} is "
                 f"{m.shape[1]}x{m.shape[0]}, image is {w}x{h}"
             )
@@ -398,7 +399,7 @@ def _context_one(task: tuple[dict, list[dict], Path, Path, Path, bool, str]) -> 
     label = lut[mask]
     hw = image_size(img_src)
     if label.shape != hw:
-        raise ValueError(
+        raise InputError(
             f"{where}: image {image.get('image_id')} is annotated as {label.shape[1]}x"
             f"{label.shape[0]} but {img_src} is {hw[1]}x{hw[0]}"
         )
@@ -409,19 +410,19 @@ def _context_one(task: tuple[dict, list[dict], Path, Path, Path, bool, str]) -> 
 
 def load_detail_json(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: Detail annotation file not found")
+        raise MissingInputError(f"{path}: Detail annotation file not found")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise InputError(f"{path}: not valid JSON ({err})") from None
     for key in ("images", "annos_segmentation"):
         if key not in data:
-            raise ValueError(f"{path}: missing key {key!r}; not a Detail API trainval_merged.json")
+            raise InputError(f"{path}: missing key {key!r}; not a Detail API trainval_merged.json")
     cats = {c.get("category_id"): c.get("name") for c in data.get("categories", [])}
     if cats:
         missing = [cid for _, cid in CONTEXT_59_DETAIL_IDS if cid not in cats]
         if missing:
-            raise ValueError(f"{path}: categories lack the Context-59 ids {missing}")
+            raise InputError(f"{path}: categories lack the Context-59 ids {missing}")
     return data
 
 
@@ -456,7 +457,7 @@ def convert_pascal_context_59(
         images = sorted((im for im in data["images"] if im.get("phase") == split),
                         key=lambda im: im["file_name"])
         if not images:
-            raise ValueError(f"{json_path}: no images with phase {split!r}")
+            raise InputError(f"{json_path}: no images with phase {split!r}")
         ids = [Path(im["file_name"]).stem for im in images]
         tasks = [
             (im, by_image.get(im["image_id"], []), jpeg / im["file_name"],

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from cascade_clip.data import IGNORE_INDEX, UNSEEN_INDEX
 from cascade_clip.data.registry import read_dataset_json, resolve_split
 from cascade_clip.data.transforms import normalize, sample_rng
+from cascade_clip.errors import InputError, MissingInputError
 
 MODES = ("inductive", "transductive", "fully_supervised", "eval")
 
@@ -37,30 +38,30 @@ MODES = ("inductive", "transductive", "fully_supervised", "eval")
 def read_image(path: Path) -> np.ndarray:
     """(H, W, 3) uint8 RGB; missing or unreadable files raise an error naming the file."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: image not found")
+        raise MissingInputError(f"{path}: image not found")
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
     except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"{path}: unreadable image ({err})") from None
+        raise InputError(f"{path}: unreadable image ({err})") from None
 
 
 def read_label(path: Path, num_classes: int) -> np.ndarray:
     """(H, W) uint8 train ids; values must be 0..num_classes-1 or 255."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: label not found")
+        raise MissingInputError(f"{path}: label not found")
     try:
         with Image.open(path) as im:
             if im.mode not in ("L", "P"):
-                raise ValueError(f"{path}: label has mode {im.mode!r}; expected single-channel 'L'")
+                raise InputError(f"{path}: label has mode {im.mode!r}; expected single-channel 'L'")
             label = np.asarray(im, dtype=np.uint8)
     except (OSError, SyntaxError) as err:
-        raise ValueError(f"{path}: unreadable label ({err})") from None
+        raise InputError(f"{path}: unreadable label ({err})") from None
     values = np.unique(label)
     bad = values[(values >= num_classes) & (values != IGNORE_INDEX)]
     if bad.size:
         shown = [int(v) for v in bad[:8]]
-        raise ValueError(
+        raise InputError(
             f"{path}: label values {shown} are neither train ids 0..{num_classes - 1} nor 255"
         )
     return label
@@ -88,7 +89,7 @@ class SegmentationDataset(Dataset):
         seed: int = 0,
     ) -> None:
         if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+            raise InputError(f"unknown mode {mode!r}; expected one of {MODES}")
         self.root = Path(root)
         self.split = split
         self.mode = mode
@@ -124,7 +125,7 @@ class SegmentationDataset(Dataset):
         for u in unseen:
             if isinstance(u, (int, np.integer)) and not isinstance(u, bool):
                 if not 0 <= int(u) < len(self.classes):
-                    raise ValueError(
+                    raise InputError(
                         f"{self.root}: unseen id {u} is not a train id 0..{len(self.classes) - 1}"
                     )
                 names.append(self.classes[int(u)])
@@ -133,17 +134,17 @@ class SegmentationDataset(Dataset):
         try:
             return resolve_split(self.classes, names)
         except ValueError as err:
-            raise ValueError(f"{self.root / 'dataset.json'}: {err}") from None
+            raise InputError(f"{self.root / 'dataset.json'}: {err}") from None
 
     def _read_split(self) -> list[str]:
         path = self.root / "splits" / f"{self.split}.txt"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: split list not found")
+            raise MissingInputError(f"{path}: split list not found")
         ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         if not ids:
-            raise ValueError(f"{path}: split list is empty")
+            raise InputError(f"{path}: split list is empty")
         if len(set(ids)) != len(ids):
-            raise ValueError(f"{path}: split list repeats an id")
+            raise InputError(f"{path}: split list repeats an id")
         return ids
 
     def class_presence(self) -> dict[str, list[int]]:
@@ -154,7 +155,7 @@ class SegmentationDataset(Dataset):
             try:
                 data = json.loads(index.read_text())
             except json.JSONDecodeError as err:
-                raise ValueError(f"{index}: not valid JSON ({err})") from None
+                raise InputError(f"{index}: not valid JSON ({err})") from None
             if all(i in data for i in self.ids):
                 return {i: [int(c) for c in data[i]] for i in self.ids}
         out = {}
@@ -186,7 +187,7 @@ class SegmentationDataset(Dataset):
         label_path = self.label_path(image_id)
         label = read_label(label_path, len(self.classes))
         if label.shape != image.shape[:2]:
-            raise ValueError(
+            raise InputError(
                 f"{label_path}: label size {label.shape[1]}x{label.shape[0]} differs from "
                 f"image size {image.shape[1]}x{image.shape[0]}"
             )

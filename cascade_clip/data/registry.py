@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cascade_clip.errors import InputError, MissingInputError
+
 # --- COCO-Stuff 164k ----------------------------------------------------------------
 # The stuffthingmaps PNGs hold 0-based ids 0..181 (= COCO-Stuff's 1-based label id - 1,
 # nightrome/cocostuff labels.txt) and 255 = unlabeled. Ids 0..90 are COCO's 91 thing ids
@@ -115,7 +117,7 @@ class _ShapesSpec:
         try:
             from cascade_clip.data import shapes
         except ImportError as err:  # pragma: no cover - depends on the generator
-            raise ValueError(
+            raise InputError(
                 f"shapes: class list unavailable ({err}); read it from a generated "
                 "dataset with load_classes(root) or get_spec('shapes', root)"
             ) from None
@@ -123,7 +125,7 @@ class _ShapesSpec:
             value = getattr(shapes, attr, None)
             if value is not None:
                 return tuple(str(v) for v in value)
-        raise ValueError(f"shapes: cascade_clip.data.shapes defines none of {list(candidates)}")
+        raise InputError(f"shapes: cascade_clip.data.shapes defines none of {list(candidates)}")
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -198,7 +200,7 @@ def unseen_class_names(
     if isinstance(unseen, str):
         splits = NAMED_SPLITS.get(name, {})
         if unseen not in splits:
-            raise ValueError(
+            raise InputError(
                 f"dataset.unseen: {name} has no split named {unseen!r}; "
                 f"known: {[PAPER_SPLIT, *splits]} (or a list of class names)"
             )
@@ -208,6 +210,11 @@ def unseen_class_names(
 
 def dataset_template_set(name: str) -> str:
     """The template set the release uses for dataset `name`."""
+    if name not in DATASETS:
+        raise InputError(
+            f"clip.templates: 'dataset' has no template set for dataset {name!r} "
+            f"(known: {sorted(DATASETS)}); name a set, e.g. official-multi"
+        )
     return _spec(name).templates
 
 
@@ -215,30 +222,30 @@ def _spec(name: str) -> DatasetSpec | _ShapesSpec:
     try:
         return DATASETS[name]
     except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}") from None
+        raise InputError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}") from None
 
 
 def read_dataset_json(root: str | Path) -> dict:
     """Parse and check `<root>/dataset.json` (name, classes, image_suffix, label_suffix)."""
     path = Path(root) / "dataset.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: dataset.json not found (is {root} a prepared dataset?)")
+        raise MissingInputError(f"{path}: dataset.json not found (is {root} a prepared dataset?)")
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise InputError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(meta, dict):
-        raise ValueError(f"{path}: top level must be an object")
+        raise InputError(f"{path}: top level must be an object")
     missing = [k for k in ("name", "classes", "image_suffix", "label_suffix") if k not in meta]
     if missing:
-        raise ValueError(f"{path}: missing key(s) {missing}")
+        raise InputError(f"{path}: missing key(s) {missing}")
     classes = meta["classes"]
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        raise ValueError(f"{path}: 'classes' must be a non-empty list of names")
+        raise InputError(f"{path}: 'classes' must be a non-empty list of names")
     if len(set(classes)) != len(classes):
-        raise ValueError(f"{path}: 'classes' repeats a name")
+        raise InputError(f"{path}: 'classes' repeats a name")
     if len(classes) > 254:
-        raise ValueError(f"{path}: {len(classes)} classes; at most 254 fit a uint8 label")
+        raise InputError(f"{path}: {len(classes)} classes; at most 254 fit a uint8 label")
     return meta
 
 
@@ -264,7 +271,7 @@ def get_spec(name: str, root: str | Path | None = None) -> DatasetSpec:
         unseen = tuple(meta["unseen"]) if "unseen" in meta else tuple(spec.unseen)
         return DatasetSpec(name, classes, unseen, spec.templates, spec.description)
     if classes != tuple(spec.classes):
-        raise ValueError(
+        raise InputError(
             f"{Path(root) / 'dataset.json'}: classes differ from the registry's {name} list"
         )
     return DatasetSpec(name, classes, tuple(spec.unseen), spec.templates, spec.description)
@@ -288,14 +295,14 @@ def resolve_split(
         classes = tuple(spec_or_classes)
         where = "the class list"
         if unseen_names is None:
-            raise ValueError("resolve_split: unseen_names is required with a bare class list")
+            raise InputError("resolve_split: unseen_names is required with a bare class list")
     if isinstance(unseen_names, str):
-        raise ValueError(f"unseen names must be a list of class names, got the string {unseen_names!r}")
+        raise InputError(f"unseen names must be a list of class names, got the string {unseen_names!r}")
     index = {name: i for i, name in enumerate(classes)}
     names = list(unseen_names)
     unknown = [n for n in names if n not in index]
     if unknown:
-        raise ValueError(f"unknown class name(s) {unknown} for {where}; known: {list(classes)}")
+        raise InputError(f"unknown class name(s) {unknown} for {where}; known: {list(classes)}")
     unseen = sorted({index[n] for n in names})
     seen = [i for i in range(len(classes)) if i not in set(unseen)]
     return seen, unseen

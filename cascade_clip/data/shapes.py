@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cascade_clip.errors import InputError, MissingInputError
+
 # --- the class vocabulary -------------------------------------------------------------
 
 THING_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -121,7 +123,7 @@ def _pattern_mask(pattern: str, size: int, rng: np.random.Generator) -> np.ndarr
         iu = np.floor((u + rng.uniform(0, cell)) / cell)
         iv = np.floor((v + rng.uniform(0, cell)) / cell)
         return ((iu + iv) % 2) == 1
-    raise ValueError(f"unknown pattern {pattern!r}")
+    raise InputError(f"unknown pattern {pattern!r}")
 
 
 def _stuff_texture(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -182,7 +184,7 @@ def _thing_layer(
         mask = (d <= r) & (d >= r - width)
         rgb = np.broadcast_to(colour[None, None], (size, size, 3))
     else:
-        raise ValueError(f"unknown thing kind {kind!r}")
+        raise InputError(f"unknown thing kind {kind!r}")
     return mask, rgb.astype(np.float32)
 
 
@@ -264,13 +266,13 @@ def generate_shapes(
     the images.
     """
     if image_size < 32:
-        raise ValueError(f"image_size must be >= 32, got {image_size}")
+        raise InputError(f"image_size must be >= 32, got {image_size}")
     if max_things < 1:
-        raise ValueError(f"max_things must be >= 1, got {max_things}")
+        raise InputError(f"max_things must be >= 1, got {max_things}")
     unseen = list(UNSEEN if unseen is None else unseen)
     unknown = [u for u in unseen if u not in CLASSES]
     if unknown:
-        raise ValueError(f"unknown unseen class name(s) {unknown}; known: {list(CLASSES)}")
+        raise InputError(f"unknown unseen class name(s) {unknown}; known: {list(CLASSES)}")
     root = Path(out_dir)
     counts = {"train": num_train, "val": num_val}
     for split in SPLITS:
@@ -318,9 +320,9 @@ def read_captions(root: str | Path, split: str) -> list[dict]:
     """The caption records of one split, in split-file order: [{"id", "caption", "classes"}]."""
     path = Path(root) / "captions" / f"{split}.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: caption file not found")
+        raise MissingInputError(f"{path}: caption file not found")
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     for n, rec in enumerate(records):
         if not {"id", "caption", "classes"} <= set(rec):
-            raise ValueError(f"{path}:{n + 1}: caption record lacks id, caption or classes")
+            raise InputError(f"{path}:{n + 1}: caption record lacks id, caption or classes")
     return records

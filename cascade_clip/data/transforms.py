@@ -26,6 +26,7 @@ from PIL import Image
 
 from cascade_clip.config import AugmentConfig
 from cascade_clip.data import IGNORE_INDEX
+from cascade_clip.errors import InputError
 
 # ImageNet mean/std in 0..255 units (RGB), as MMSeg's Normalize.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -151,7 +152,7 @@ def sample_view(
     box = _random_crop(rng, resized_hw, crop)
     if label is not None and cfg.cat_max_ratio < 1.0:
         if label.shape[:2] != (h, w):
-            raise ValueError(f"label is {label.shape[:2]}, image is {(h, w)}")
+            raise InputError(f"label is {label.shape[:2]}, image is {(h, w)}")
         resized_label = resize_label(label, resized_hw)
         for _ in range(CAT_MAX_RETRIES):
             if _crop_ok(resized_label, box, cfg.cat_max_ratio):
@@ -224,15 +225,15 @@ def _check_view(view: View) -> None:
     y0, x0, y1, x1 = view.crop
     rh, rw = view.resized_hw
     if not (0 <= y0 < y1 <= rh and 0 <= x0 < x1 <= rw):
-        raise ValueError(f"view crop {view.crop} lies outside the resized image {view.resized_hw}")
+        raise InputError(f"view crop {view.crop} lies outside the resized image {view.resized_hw}")
     if view.out_hw[0] < y1 - y0 or view.out_hw[1] < x1 - x0:
-        raise ValueError(f"view out_hw {view.out_hw} is smaller than its crop {view.crop}")
+        raise InputError(f"view out_hw {view.out_hw} is smaller than its crop {view.crop}")
 
 
 def apply_view_to_label(label: np.ndarray, view: View) -> torch.Tensor:
     """The view's label: nearest resize, crop, flip, pad with 255 -> (h, w) int64 tensor."""
     if tuple(label.shape[:2]) != tuple(view.image_hw):
-        raise ValueError(f"label is {tuple(label.shape[:2])}, view expects {tuple(view.image_hw)}")
+        raise InputError(f"label is {tuple(label.shape[:2])}, view expects {tuple(view.image_hw)}")
     _check_view(view)
     y0, x0, y1, x1 = view.crop
     lab = resize_label(np.asarray(label, dtype=np.uint8), view.resized_hw)[y0:y1, x0:x1]
@@ -246,7 +247,7 @@ def apply_view_to_label(label: np.ndarray, view: View) -> torch.Tensor:
 def apply_view_to_image(image: np.ndarray, view: View) -> torch.Tensor:
     """The view's image: bilinear resize, crop, flip, photometric, normalise, pad with 0."""
     if tuple(image.shape[:2]) != tuple(view.image_hw):
-        raise ValueError(f"image is {tuple(image.shape[:2])}, view expects {tuple(view.image_hw)}")
+        raise InputError(f"image is {tuple(image.shape[:2])}, view expects {tuple(view.image_hw)}")
     _check_view(view)
     y0, x0, y1, x1 = view.crop
     img = resize_image(image, view.resized_hw)[y0:y1, x0:x1]

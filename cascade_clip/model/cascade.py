@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from cascade_clip.config import ModelConfig
+from cascade_clip.errors import InputError
 from cascade_clip.model.encoder import TapFeatures, TappedEncoder
 from cascade_clip.model.head import CascadeHead
 
@@ -56,13 +57,13 @@ class CascadeCLIP(nn.Module):
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
-            raise ValueError(
+            raise InputError(
                 f"checkpoint does not fit this model config: missing {missing[:4]}, "
                 f"unexpected {unexpected[:4]}"
             )
         for k, v in state.items():
             if own[k].shape != v.shape:
-                raise ValueError(
+                raise InputError(
                     f"checkpoint tensor {k} has shape {tuple(v.shape)}, model wants {tuple(own[k].shape)}"
                 )
         self.load_state_dict(state, strict=False)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from cascade_clip.config import ClipConfig, ConfigError
+from cascade_clip.errors import InputError, MissingInputError
 
 # `clip.pretrained: random`: a seeded random CLIP, asked for by name (tests, smoke runs).
 RANDOM_WEIGHTS = "random"
@@ -35,10 +36,10 @@ def resolve_package_path(name: str) -> str:
     try:
         root = importlib.resources.files(package)
     except ModuleNotFoundError:
-        raise ValueError(f"{name}: package {package!r} is not installed") from None
+        raise InputError(f"{name}: package {package!r} is not installed") from None
     path = Path(str(root / sub)) if sub else Path(str(root))
     if not path.exists():
-        raise ValueError(f"{name}: {path} does not exist")
+        raise InputError(f"{name}: {path} does not exist")
     return str(path)
 
 
@@ -48,11 +49,11 @@ def _read_model_config(model_config: str | dict) -> dict[str, Any]:
     else:
         path = Path(model_config)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: open_clip model config not found")
+            raise MissingInputError(f"{path}: open_clip model config not found")
         try:
             cfg = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
+            raise InputError(f"{path}: not valid JSON ({err})") from None
     text_cfg = cfg.get("text_cfg", {})
     for key in ("hf_model_name", "hf_tokenizer_name"):
         if key in text_cfg:
@@ -68,7 +69,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a weights file (a state dict, or a dict holding one under `state_dict`)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: weights file not found")
+        raise MissingInputError(f"{path}: weights file not found")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -77,11 +78,11 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a corrupt file
-        raise ValueError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
+        raise InputError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: not a state dict of tensors")
+        raise InputError(f"{path}: not a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
@@ -93,7 +94,7 @@ def _load_weights(model: torch.nn.Module, path: str | Path) -> None:
     unexpected = [k for k in state if k not in own and not k.endswith("position_ids")]
     wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
-        raise ValueError(
+        raise InputError(
             f"{path}: weights do not fit the model config (missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]})"
         )
@@ -142,7 +143,7 @@ def load_clip(cfg: ClipConfig) -> tuple[torch.nn.Module, Any]:
             _load_weights(model, cfg.pretrained)
     else:
         if cfg.model not in open_clip.list_models():
-            raise ValueError(
+            raise InputError(
                 f"unknown open_clip model {cfg.model!r} (see open_clip.list_models(), "
                 "or give clip.model_config for a custom one)"
             )
@@ -173,15 +174,15 @@ def resize_positional_embedding(visual: torch.nn.Module, image_size: int, mode: 
     to 32x32.
     """
     if mode not in ("bilinear", "bicubic"):
-        raise ValueError(f"clip.pos_resize must be 'bilinear' or 'bicubic', got {mode!r}")
+        raise InputError(f"clip.pos_resize must be 'bilinear' or 'bicubic', got {mode!r}")
     patch = visual.conv1.kernel_size[0]
     if image_size % patch:
-        raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch}")
+        raise InputError(f"image size {image_size} is not a multiple of the patch size {patch}")
     new_grid = image_size // patch
     pos = visual.positional_embedding.data  # (1 + g*g, W)
     old_grid = int(math.isqrt(pos.shape[0] - 1))
     if old_grid * old_grid != pos.shape[0] - 1:
-        raise ValueError(f"positional embedding of {pos.shape[0]} tokens is not 1 + a square grid")
+        raise InputError(f"positional embedding of {pos.shape[0]} tokens is not 1 + a square grid")
     if old_grid != new_grid:
         cls_pos, grid_pos = pos[:1], pos[1:]
         grid_pos = grid_pos.reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2)

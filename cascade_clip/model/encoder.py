@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cascade_clip.errors import InputError
+
 
 @dataclass
 class TapFeatures:
@@ -98,15 +100,15 @@ class TappedEncoder(nn.Module):
         self.depth = len(visual.transformer.resblocks)
         bad = [b for b in blocks if not 1 <= b <= self.depth]
         if bad:
-            raise ValueError(f"tapped block(s) {bad} outside the encoder's 1..{self.depth} blocks")
+            raise InputError(f"tapped block(s) {bad} outside the encoder's 1..{self.depth} blocks")
         if tap_projection not in ("random", "clip"):
-            raise ValueError(f"tap_projection must be 'random' or 'clip', got {tap_projection!r}")
+            raise InputError(f"tap_projection must be 'random' or 'clip', got {tap_projection!r}")
         if mode not in ("frozen", "vpt"):
-            raise ValueError(f"encoder mode must be 'frozen' or 'vpt', got {mode!r}")
+            raise InputError(f"encoder mode must be 'frozen' or 'vpt', got {mode!r}")
         if cls_token not in ("standard", "official"):
-            raise ValueError(f"cls_token must be 'standard' or 'official', got {cls_token!r}")
+            raise InputError(f"cls_token must be 'standard' or 'official', got {cls_token!r}")
         if visual.proj is None:
-            raise ValueError("the vision tower has no output projection (proj); cannot tap it")
+            raise InputError("the vision tower has no output projection (proj); cannot tap it")
         self.blocks = list(blocks)
         self.mode = mode
         self.cls_scale = 2.0 if cls_token == "official" else 1.0
@@ -153,7 +155,7 @@ class TappedEncoder(nn.Module):
         cls = (self.cls_scale * v.class_embedding).to(x.dtype).expand(x.shape[0], 1, -1)
         pos = v.positional_embedding.to(x.dtype)
         if pos.shape[0] != grid[0] * grid[1] + 1:
-            raise ValueError(
+            raise InputError(
                 f"input grid {grid} does not fit the positional embedding of {pos.shape[0] - 1} "
                 f"patches (load the CLIP with image_size={grid[0] * self.patch_size})"
             )

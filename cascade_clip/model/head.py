@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from cascade_clip.config import ModelConfig
+from cascade_clip.errors import InputError
 from cascade_clip.kernels import nga, pixel_text_logits
 
 
@@ -34,7 +35,7 @@ class StageFusion(nn.Module):
     def __init__(self, num_blocks: int, dim: int, mode: str, sigma: float, learnable: bool):
         super().__init__()
         if mode not in ("nga", "sum", "concat", "attention"):
-            raise ValueError(f"unknown fusion {mode!r}; expected nga, sum, concat or attention")
+            raise InputError(f"unknown fusion {mode!r}; expected nga, sum, concat or attention")
         self.mode = mode if num_blocks > 1 else "identity"
         self.num_blocks = num_blocks
         if self.mode == "nga":
@@ -90,7 +91,7 @@ class StageDecoder(nn.Module):
     ):
         super().__init__()
         if dim % heads:
-            raise ValueError(f"decoder width {dim} is not divisible by {heads} heads")
+            raise InputError(f"decoder width {dim} is not divisible by {heads} heads")
         # The authors' decoder reads the fused, L2-normalised CLIP tokens as they are; the
         # adapter (Linear + LayerNorm) is this project's option (model.decoder.input_adapter).
         self.input_adapter = (
@@ -133,7 +134,7 @@ class CascadeHead(nn.Module):
         in_dim = 2 * embed_dim if cfg.relationship_descriptor else embed_dim
         num_proj = len(self.stage_sizes) if cfg.query_projection == "independent" else 1
         if cfg.query_projection not in ("independent", "shared"):
-            raise ValueError(f"query_projection must be independent or shared, got {cfg.query_projection!r}")
+            raise InputError(f"query_projection must be independent or shared, got {cfg.query_projection!r}")
         self.query_projs = nn.ModuleList([nn.Linear(in_dim, width) for _ in range(num_proj)])
         self.decoders = nn.ModuleList(
             [
@@ -160,9 +161,9 @@ class CascadeHead(nn.Module):
     ) -> torch.Tensor:
         expected = sum(self.stage_sizes)
         if taps.shape[0] != expected:
-            raise ValueError(f"expected {expected} tapped blocks, got {taps.shape[0]}")
+            raise InputError(f"expected {expected} tapped blocks, got {taps.shape[0]}")
         if text.shape[-2] == 0:
-            raise ValueError("no classes to segment (empty text embeddings)")
+            raise InputError("no classes to segment (empty text embeddings)")
         dtype = self.query_projs[0].weight.dtype
         taps, global_token, text = taps.to(dtype), global_token.to(dtype), text.to(dtype)
         r = self.descriptor(text, global_token)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cascade_clip.config import Config
+from cascade_clip.errors import InputError
 
 # The authors' 15 templates for COCO-Stuff and PASCAL Context, in their order.
 OFFICIAL_MULTI = (
@@ -80,7 +81,7 @@ def get_templates(name: str) -> tuple[str, ...]:
 
         return tuple(SHAPES_TEMPLATES)
     known = [*TEMPLATE_SETS, "shapes", DATASET_TEMPLATES]
-    raise ValueError(f"unknown template set {name!r}; expected one of {known}")
+    raise InputError(f"unknown template set {name!r}; expected one of {known}")
 
 
 def prompt_name(class_name: str, style: str = "raw") -> str:
@@ -91,7 +92,7 @@ def prompt_name(class_name: str, style: str = "raw") -> str:
         return class_name
     if style == "readable":
         return class_name.replace("-other", "").replace("-", " ").replace("_", " ")
-    raise ValueError(f"clip.prompt_names must be 'raw' or 'readable', got {style!r}")
+    raise InputError(f"clip.prompt_names must be 'raw' or 'readable', got {style!r}")
 
 
 def config_templates(cfg: Config) -> tuple[str, tuple[str, ...]]:
@@ -123,9 +124,9 @@ def class_embeddings(
 ) -> torch.Tensor:
     """(K, C) float32: per class, the mean of its L2-normalised prompt embeddings, re-normalised."""
     if not class_names:
-        raise ValueError("empty class list: nothing to embed")
+        raise InputError("empty class list: nothing to embed")
     if not templates:
-        raise ValueError("empty template list")
+        raise InputError("empty template list")
     out = []
     for name in class_names:
         tokens = tokenizer([t.format(prompt_name(name, names_style)) for t in templates]).to(device)

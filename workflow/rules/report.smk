@@ -8,7 +8,7 @@ rule report:
     input:
         metrics=expand(f"{RESULTS}/eval/{{run}}/metrics.json", run=["frozen_clip"] + RUNS),
         cross=expand(f"{RESULTS}/eval/cross/{{dataset}}/metrics.json", dataset=CROSS),
-        logs=expand(f"{RESULTS}/runs/{{run}}/log.jsonl", run=RUNS),
+        runs=expand(f"{RESULTS}/runs/{{run}}/model_final.pt", run=RUNS),  # and their log.jsonl
         examples=f"{RESULTS}/eval/{SELF_TRAIN_RUN if WF['self_train'] else MAIN_RUN}/examples",
     output:
         summary=report(

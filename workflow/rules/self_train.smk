@@ -4,14 +4,16 @@
 
 rule self_train:
     input:
-        init=f"{RESULTS}/runs/{MAIN_RUN}/ckpt_half.pt",
+        # The main run's ckpt_half.pt is written before its model_final.pt; it is no output
+        # of that rule (see train.smk), so the final weights stand for the finished run.
+        main=f"{RESULTS}/runs/{MAIN_RUN}/model_final.pt",
         text=f"{RESULTS}/text/{DATASET}.h5",
         cache=f"{RESULTS}/cache/train.h5" if run_uses_cache(MAIN_RUN) else [],
         weights=CLIP_WEIGHTS,
     output:
         final=f"{RESULTS}/runs/{SELF_TRAIN_RUN}/model_final.pt",
-        log=f"{RESULTS}/runs/{SELF_TRAIN_RUN}/log.jsonl",
     params:
+        init=f"{RESULTS}/runs/{MAIN_RUN}/ckpt_half.pt",
         config=CONFIG,
         settings=settings("seed", "clip", "model", "dataset", "train", "self_train", "cache"),
         overrides=overrides(run_overrides(SELF_TRAIN_RUN)),
@@ -33,4 +35,4 @@ rule self_train:
     shell:
         "OMP_NUM_THREADS={threads:q} {params.launch} -m cascade_clip.cli train"
         " --config {params.config:q} {params.overrides:q} --text {input.text:q} {params.cache:q}"
-        " --init {input.init:q} --out {params.out:q} --resume > {log:q} 2>&1"
+        " --init {params.init:q} --out {params.out:q} --resume > {log:q} 2>&1"

@@ -2,14 +2,15 @@
 # ablation row (config `ablations`), each with its own config overrides.
 
 
-
 rule train:
     input:
         unpack(train_inputs),
+    # Only the final weights are an output. The run folder's ckpt_last.pt, ckpt_half.pt and
+    # log.jsonl are work in progress: were they outputs, Snakemake would delete them as
+    # incomplete after a crash, and the resumed run would lose its half-way weights and its
+    # log. `--resume` continues from ckpt_last.pt.
     output:
         final=f"{RESULTS}/runs/{{run}}/model_final.pt",
-        half=f"{RESULTS}/runs/{{run}}/ckpt_half.pt",
-        log=f"{RESULTS}/runs/{{run}}/log.jsonl",
     wildcard_constraints:
         run="|".join(ABLATIONS),
     params:

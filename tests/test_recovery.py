@@ -1,0 +1,80 @@
+"""A crash loses no work: kill the tiny workflow (Snakemake and its training process) after
+the half-way checkpoint, recover as Snakemake tells a user to (`--unlock`, then
+`--rerun-incomplete`), and the run resumes from its last checkpoint, the half-way
+checkpoint holds the half-way weights, and the log keeps every step."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+from test_workflow import ROOT, _tiny_config, snakemake
+
+ITERS, HALF, EVERY = 600, 300, 50
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants, as a crash or an OOM kill would."""
+    parent = psutil.Process(pid)
+    procs = [*parent.children(recursive=True), parent]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+def _step(path: Path) -> int:
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+    except Exception:  # not there yet, or being replaced
+        return -1
+
+
+@pytest.mark.slow
+def test_killed_workflow_resumes_without_losing_work(tmp_path):
+    results = tmp_path / "results"
+    cfg = _tiny_config(results, tmp_path / "resources")
+    cfg["train"].update(iters=ITERS, log_interval=1, checkpoint_interval=EVERY)
+    cfg["self_train"] = {"iters": 4, "start_fraction": HALF / ITERS}
+    cfg["workflow"]["self_train"] = True
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    run = results / "shapes" / "runs" / "cascade"
+
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path)]
+    proc = subprocess.Popen([*cmd, "--cores", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_at = -1
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            killed_at = _step(run / "ckpt_last.pt")
+            if HALF < killed_at < ITERS:
+                break
+            time.sleep(0.02)
+    finally:
+        kill_tree(proc.pid)  # snakemake and every job it started (they run in their own groups)
+        proc.wait()
+    assert HALF < killed_at < ITERS, f"did not catch the run between its checkpoints (last {killed_at})"
+    assert not (run / "model_final.pt").exists()
+
+    assert snakemake("--unlock", cwd=tmp_path).returncode == 0
+    res = snakemake("--cores", "2", "--rerun-incomplete", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-4000:]
+
+    assert _step(run / "ckpt_half.pt") == HALF
+    assert _step(run / "model_final.pt") == ITERS
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, ITERS + 1))  # every step once, from before and after the crash
+    resumes = [r for r in records if r.get("event") == "resume"]
+    assert len(resumes) == 1 and HALF < resumes[0]["step"] <= killed_at
+    assert (results / "shapes" / "runs" / "cascade_st" / "model_final.pt").is_file()
