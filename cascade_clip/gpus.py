@@ -96,15 +96,20 @@ def default_lock_dir(environ: Mapping[str, str] | None = None) -> Path:
     """CASCADE_CLIP_GPU_LOCKS, else the user's runtime folder, else a per-uid folder in /tmp.
 
     XDG_RUNTIME_DIR counts only when it exists: a batch job can inherit the login node's
-    `/run/user/<uid>`, which the compute node does not have.
+    `/run/user/<uid>`, which the compute node does not have. Inside a SLURM job the folder
+    name carries the job id.
     """
     environ = os.environ if environ is None else environ
     if environ.get("CASCADE_CLIP_GPU_LOCKS"):
         return Path(environ["CASCADE_CLIP_GPU_LOCKS"])
+    # Inside a SLURM job the locks are the job's own: SLURM already keeps jobs apart, and
+    # with device cgroups it renumbers each job's GPUs from 0, so two jobs of one user would
+    # otherwise wait on each other's "0" though it is another physical GPU.
+    name = LOCK_DIR_NAME + (f"-slurm{environ['SLURM_JOB_ID']}" if environ.get("SLURM_JOB_ID") else "")
     runtime = environ.get("XDG_RUNTIME_DIR", "")
     if runtime and os.path.isabs(runtime) and os.path.isdir(runtime):
-        return Path(runtime) / LOCK_DIR_NAME
-    return Path("/tmp") / f"{LOCK_DIR_NAME}-{os.geteuid()}"
+        return Path(runtime) / name
+    return Path("/tmp") / f"{name}-{os.geteuid()}"
 
 
 def ensure_lock_dir(lock_dir: Path, uid: int | None = None) -> Path:

@@ -187,9 +187,15 @@ def test_default_lock_dir_is_per_user(tmp_path, monkeypatch):
     assert default_lock_dir(missing) == Path(f"/tmp/cascade-clip-gpu-locks-{os.geteuid()}")
     override = {"XDG_RUNTIME_DIR": str(tmp_path), "CASCADE_CLIP_GPU_LOCKS": str(tmp_path / "mine")}
     assert default_lock_dir(override) == tmp_path / "mine"
+    # SLURM jobs each get their own folder: their GPUs may all be numbered from 0
+    job = {"XDG_RUNTIME_DIR": str(tmp_path), "SLURM_JOB_ID": "4242"}
+    assert default_lock_dir(job) == tmp_path / "cascade-clip-gpu-locks-slurm4242"
+    tmp_job = Path(f"/tmp/cascade-clip-gpu-locks-slurm7-{os.geteuid()}")
+    assert default_lock_dir({"SLURM_JOB_ID": "7"}) == tmp_job
 
     # With no lock_dir given, acquire_gpus creates the runtime-dir folder, mode 0700.
     monkeypatch.delenv("CASCADE_CLIP_GPU_LOCKS", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     with acquire_gpus(1, pool=["7"]):
         pass
