@@ -989,18 +989,40 @@ class FeatureCacheDataset(Dataset):
         return View.from_dict(json.loads(raw))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.__getitems__([i])[0]
+
+    def _read_rows(self, shard: int, local: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """taps (n, L, N, C) and global tokens (n, C) of shard rows `local` (increasing,
+        distinct): one HDF5 read per dataset instead of one per row."""
+        f = self._handle(shard)
+        try:
+            if len(local) == 1:
+                return f["taps"][local[0]][None], f["global_token"][local[0]][None]
+            return f["taps"][local], f["global_token"][local]
+        except OSError as err:
+            path = self.layout.shard_files[shard]
+            raise CacheError(f"{path}: rows {local[:4]} unreadable, truncated or corrupt ({err})") from None
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        """Items `indices` (what the DataLoader's batched fetch calls): rows are grouped by
+        shard and read in one sorted call each, so a cached batch costs a few HDF5 reads,
+        not one per image."""
+        rows = [int(self.rows[i]) for i in indices]
+        by_shard: dict[int, list[int]] = {}
+        for row in rows:
+            by_shard.setdefault(self.layout.locate(row)[0], []).append(row)
+        fetched: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for shard, shard_rows in by_shard.items():
+            unique = sorted(set(shard_rows))
+            taps, glob = self._read_rows(shard, [self.layout.locate(r)[1] for r in unique])
+            for k, row in enumerate(unique):
+                fetched[row] = (taps[k], glob[k])
+        return [self._item(i, row, *fetched[row]) for i, row in zip(indices, rows)]
+
+    def _item(self, i: int, row: int, taps: np.ndarray, glob: np.ndarray) -> dict[str, Any]:
         from cascade_clip.data.dataset import read_label
         from cascade_clip.data.transforms import apply_view_to_label
 
-        row = int(self.rows[i])
-        shard, local = self.layout.locate(row)
-        f = self._handle(shard)
-        try:
-            taps = f["taps"][local]
-            glob = f["global_token"][local]
-        except OSError as err:
-            path = self.layout.shard_files[shard]
-            raise CacheError(f"{path}: row {local} unreadable, truncated or corrupt ({err})") from None
         if not self._all_blocks:
             taps = taps[self.block_order]
         index = int(self.layout.image_index[row])

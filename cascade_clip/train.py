@@ -265,6 +265,13 @@ class SeededItems(torch.utils.data.Dataset):
             self.base.set_epoch(pos // len(self.base))
         return self.base[index]
 
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[dict[str, Any]]:
+        # A batched read where the base has one (the feature cache) and no augmentation
+        # depends on the epoch; otherwise item by item.
+        if hasattr(self.base, "__getitems__") and not hasattr(self.base, "set_epoch"):
+            return self.base.__getitems__([index for _, index in keys])
+        return [self[key] for key in keys]
+
 
 def cache_tap_rows(dataset: Any, blocks: list[int], where: str) -> list[int] | None:
     """Rows of the cached taps this model uses, or None when they are all used in order.

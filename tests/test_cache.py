@@ -151,6 +151,26 @@ def test_write_join_verify_read(world, joined):
     assert sorted(open_layout(joined["index"]).image_index.tolist()) == sorted(list(range(NUM_IMAGES)) * 2)
 
 
+def test_batched_read_groups_rows_by_shard_and_keeps_order(world, joined, monkeypatch):
+    """__getitems__ (the DataLoader's batched fetch) returns exactly the rows asked for, in
+    the order asked, repeats and both shards included, with one HDF5 read per shard."""
+    ds = FeatureCacheDataset(joined["index"], world["cfg"], mode="inductive")
+    layout = open_layout(joined["index"])
+    indices = [len(ds) - 1, 0, 3, 0, len(ds) // 2]
+    reads = []
+    original = FeatureCacheDataset._read_rows
+    monkeypatch.setattr(FeatureCacheDataset, "_read_rows",
+                        lambda self, shard, local: reads.append(shard) or original(self, shard, local))
+    items = ds.__getitems__(indices)
+    assert sorted(reads) == sorted(set(reads)) and len(set(reads)) == 2  # one read per shard
+    for i, item in zip(indices, items):
+        shard, local = layout.locate(int(ds.rows[i]))
+        with h5py.File(layout.shard_files[shard]) as f:  # the row, read directly
+            assert np.array_equal(item["taps"].numpy(), f["taps"][local])
+            assert np.array_equal(item["global_token"].numpy(), f["global_token"][local])
+        assert item["id"] == layout.ids[int(ds.rows[i])]
+
+
 def test_label_modes_and_views_match_the_online_loader(world, joined):
     cfg = world["cfg"]
     unseen_ids = [CLASSES.index(n) for n in UNSEEN]
