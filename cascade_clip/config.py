@@ -130,7 +130,10 @@ class TrainConfig:
     loss_stride: int = 1
     log_interval: int = 50
     checkpoint_interval: int = 2000
-    num_workers: int = 4
+    # DataLoader workers per process; "auto": the process's share of the job's cores less
+    # one, at most 4 (cascade_clip.distributed.loader_workers)
+    num_workers: int | str = "auto"
+    prefetch_factor: int = 4  # batches each worker keeps ready
     amp: bool = True  # bf16 autocast on GPU
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

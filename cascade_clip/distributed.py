@@ -210,3 +210,21 @@ class ShardedInfiniteSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:  # DataLoader asks; the stream is endless
         return 2**62
+
+
+def loader_workers(setting: int | str, max_workers: int = 4) -> int:
+    """DataLoader worker processes for this process: `setting` as given, or for "auto" the
+    cores this process may use less one (the main process decodes nothing but drives the
+    step), at most `max_workers`.
+
+    The cores: this process's CPU affinity, capped by OMP_NUM_THREADS (what Snakemake
+    grants the job), shared by the LOCAL_WORLD_SIZE processes torchrun starts on the node.
+    """
+    if setting != "auto":
+        return int(setting)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    granted = _env_int("OMP_NUM_THREADS", 0)  # the workflow's rules set it to the job's threads
+    if granted > 0:
+        cores = min(cores, granted)
+    per_process = max(1, cores // max(1, _env_int("LOCAL_WORLD_SIZE", 1)))
+    return max(0, min(max_workers, per_process - 1))

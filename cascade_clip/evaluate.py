@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from cascade_clip.checkpoint import check_checkpoint, load_checkpoint
 from cascade_clip.config import Config
-from cascade_clip.distributed import DistEnv, all_reduce_max, all_reduce_sum, init_distributed
+from cascade_clip.distributed import DistEnv, all_reduce_max, all_reduce_sum, init_distributed, loader_workers
 from cascade_clip.errors import InputError
 from cascade_clip.inference import calibrate, predict_labels, sliding_window_scores
 from cascade_clip.metrics import confusion_matrix, summarize
@@ -294,7 +294,7 @@ def evaluate(
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, share),
         batch_size=1,
-        num_workers=min(cfg.train.num_workers, 4),
+        num_workers=loader_workers(cfg.train.num_workers),
         collate_fn=first_item,
     )
     confusion = np.zeros((len(names), len(names)), dtype=np.int64)

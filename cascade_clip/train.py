@@ -56,6 +56,7 @@ from cascade_clip.distributed import (
     all_gather_object,
     all_reduce_mean,
     init_distributed,
+    loader_workers,
     wrap_ddp,
 )
 from cascade_clip.errors import CascadeClipError, InputError
@@ -324,7 +325,7 @@ def make_loader(
 ) -> torch.utils.data.DataLoader:
     """An endless loader of this rank's share, starting after `consumed` global items."""
     sampler = ShardedInfiniteSampler(len(dataset), env.rank, env.world_size, seed=cfg.seed, start=consumed)
-    workers = cfg.train.num_workers
+    workers = loader_workers(cfg.train.num_workers)
     return torch.utils.data.DataLoader(
         SeededItems(dataset),
         batch_size=batch_size,
@@ -333,6 +334,7 @@ def make_loader(
         pin_memory=env.device.type == "cuda",
         drop_last=True,
         persistent_workers=workers > 0,
+        prefetch_factor=cfg.train.prefetch_factor if workers > 0 else None,
         generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched
     )
 

@@ -353,3 +353,19 @@ def test_resume_on_more_ranks_gives_new_ranks_their_own_seeded_streams():
     assert not restored1 and not restored2
     assert not torch.equal(rank1, expected_rank0) and not torch.equal(rank1, rank2)
     assert torch.equal(draws(1)[1], rank1)  # deterministic
+
+
+def test_loader_workers_auto_takes_the_process_share_of_the_job_cores(monkeypatch):
+    from cascade_clip.distributed import loader_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "16")
+    assert loader_workers("auto") == 4  # capped at 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert loader_workers("auto") == 3  # 16 job threads over 4 processes: 4 cores, one drives
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert loader_workers("auto") == 0  # a 2-thread job of 4 processes: no spare core
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert loader_workers("auto") == 4 and loader_workers(2) == 2

@@ -24,10 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from cascade_clip.cache import parse_shard, write_shard
     from cascade_clip.config import config_from_args
+    from cascade_clip.distributed import loader_workers
 
     cfg = config_from_args(args)
     shard = parse_shard(args.shard)
-    workers = cfg.train.num_workers if args.workers is None else args.workers
+    workers = loader_workers(cfg.train.num_workers if args.workers is None else args.workers)
     write_shard(
         cfg, args.split, shard, args.out, device=args.device, workers=workers, overwrite=args.overwrite
     )
