@@ -135,6 +135,9 @@ class TrainConfig:
     num_workers: int | str = "auto"
     prefetch_factor: int = 4  # batches each worker keeps ready
     amp: bool = True  # bf16 autocast on GPU
+    # torch.compile the training step: "none", "default", or "reduce-overhead" (CUDA graphs
+    # on a GPU: the head step's launch overhead gone); falls back to eager if it fails
+    compile: Literal["none", "default", "reduce-overhead"] = "none"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
