@@ -260,13 +260,77 @@ class PixelTextLogitsFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------
 
 
+def pixel_text_logits_gemm(pixels: torch.Tensor, queries: torch.Tensor, scale: float) -> torch.Tensor:
+    """The same sum as one batched GEMM (cuBLAS on a GPU) over the stages concatenated
+    along D, in the inputs' dtype, returned as fp32. It copies both operands into the
+    (B, rows, S*D) layout, which the Triton kernel never does: faster at some shapes, at
+    the price of that memory."""
+    s, b, n, d = pixels.shape
+    p = pixels.permute(1, 2, 0, 3).reshape(b, n, s * d)
+    q = queries.permute(1, 2, 0, 3).reshape(b, queries.shape[2], s * d)
+    return torch.bmm(q, p.transpose(1, 2)).float() * scale
+
+
+# ``CASCADE_CLIP_SIMILARITY``: "triton", "gemm", or "auto" (default): on the GPU, time both
+# (forward + backward) once per shape and dtype and keep the faster.
+SIMILARITY_VAR = "CASCADE_CLIP_SIMILARITY"
+_FASTEST: dict[tuple, str] = {}
+
+
+def _time_ms(name: str, fn, pixels: torch.Tensor, queries: torch.Tensor, reps: int = 5) -> float:
+    """Median GPU time of forward + backward of `fn`, in ms (CUDA events)."""
+    p = pixels.detach().requires_grad_(pixels.requires_grad)
+    q = queries.detach().requires_grad_(queries.requires_grad)
+    times = []
+    for _ in range(reps + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn(p, q)
+        if out.requires_grad:
+            out.sum().backward()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times[1:])[reps // 2]  # the first call warms up (compiles the kernel)
+
+
+def similarity_path(pixels: torch.Tensor, queries: torch.Tensor, timer=None) -> str:
+    """"triton" or "gemm" for these operands (CUDA, or Triton forced): the variable's
+    choice, else the faster one measured on the first call of this shape; while a graph is
+    being captured or compiled, or off the GPU, nothing is measured (the choice made
+    already, else the Triton kernel, is used). `timer(name, fn, pixels, queries) -> ms`
+    replaces the CUDA-event timing (tests)."""
+    import os
+
+    choice = os.environ.get(SIMILARITY_VAR, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "triton", "gemm"):
+        raise ValueError(f"{SIMILARITY_VAR}={choice!r}: expected auto, triton or gemm")
+    if choice != "auto":
+        return choice
+    key = (tuple(pixels.shape), tuple(queries.shape), pixels.dtype, pixels.device.type,
+           pixels.requires_grad or queries.requires_grad)
+    if key not in _FASTEST:
+        if timer is None:
+            capturing = pixels.is_cuda and torch.cuda.is_current_stream_capturing()
+            if capturing or torch.compiler.is_compiling() or not pixels.is_cuda:
+                return "triton"
+            timer = _time_ms
+        triton_ms = timer("triton", lambda p, q: PixelTextLogitsFunction.apply(p, q, 1.0), pixels, queries)
+        gemm_ms = timer("gemm", lambda p, q: pixel_text_logits_gemm(p, q, 1.0), pixels, queries)
+        _FASTEST[key] = "gemm" if gemm_ms < triton_ms else "triton"
+    return _FASTEST[key]
+
+
 def pixel_text_logits(pixels: torch.Tensor, queries: torch.Tensor, scale: float) -> torch.Tensor:
     """``scale * sum_s queries[s] @ pixels[s]^T``: ``(S,B,N,D), (S,B,K,D) -> (B,K,N)`` fp32.
 
-    CUDA tensors run the Triton kernel, CPU tensors :func:`pixel_text_logits_reference`.
+    CUDA tensors run the Triton kernel or one cuBLAS GEMM, whichever is faster at their
+    shape (:func:`similarity_path`); CPU tensors :func:`pixel_text_logits_reference`.
     Differentiable in ``pixels`` and ``queries``.
     """
     _check_similarity(pixels, queries)
     if use_triton(pixels, queries):
+        if similarity_path(pixels, queries) == "gemm":
+            return pixel_text_logits_gemm(pixels, queries, scale)
         return PixelTextLogitsFunction.apply(pixels, queries, float(scale))
     return pixel_text_logits_reference(pixels, queries, scale)

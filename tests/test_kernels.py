@@ -39,6 +39,7 @@ def triton(monkeypatch):
     if not ON_GPU:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    monkeypatch.setenv(similarity.SIMILARITY_VAR, "triton")  # the kernel, never the GEMM
     monkeypatch.setenv(dispatch.POISON_VAR, "1")
     with torch.device("cuda" if ON_GPU else "cpu"):  # the default device of tensor factories
         yield
@@ -212,6 +213,47 @@ def test_pixel_text_logits_matches_reference(triton, dtype, contiguous):
     assert rel_err(out, ref) < TOL[dtype]
     assert rel_err(gp, rp) < TOL[dtype]
     assert rel_err(gq, rq) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pixel_text_logits_gemm_path_matches_reference(triton, monkeypatch, dtype):
+    monkeypatch.setenv(similarity.SIMILARITY_VAR, "gemm")
+    S, B, N, D, Kc = 3, 2, 45, 40, 19
+    pixels = torch.randn(S, B, N, D).to(dtype).requires_grad_()
+    queries = torch.randn(S, B, Kc, D).to(dtype).requires_grad_()
+    g = torch.randn(B, Kc, N)
+    out, (gp, gq) = grads(lambda: K.pixel_text_logits(pixels, queries, 0.3), [pixels, queries], g)
+    ref, (rp, rq) = grads(lambda: K.pixel_text_logits_reference(pixels, queries, 0.3), [pixels, queries], g)
+    assert out.dtype == torch.float32
+    for a, b in ((out, ref), (gp, rp), (gq, rq)):
+        assert rel_err(a, b) < TOL[dtype]
+
+
+def test_similarity_auto_keeps_the_faster_path_per_shape(monkeypatch):
+    """auto: both paths are timed once per shape and dtype; the faster is kept."""
+    monkeypatch.delenv(similarity.SIMILARITY_VAR, raising=False)
+    monkeypatch.setattr(similarity, "_FASTEST", {})
+    timed = []
+
+    def timer(fast: str):
+        def time_ms(name, fn, pixels, queries):
+            timed.append(name)
+            assert fn(pixels, queries).shape == (pixels.shape[1], queries.shape[2], pixels.shape[2])
+            return 1.0 if name == fast else 2.0
+
+        return time_ms
+
+    small, big = torch.randn(3, 2, 9, 8), torch.randn(3, 2, 25, 8)
+    q = torch.randn(3, 2, 4, 8)
+    assert similarity.similarity_path(small, q, timer("gemm")) == "gemm"
+    assert similarity.similarity_path(big, q, timer("triton")) == "triton"
+    assert similarity.similarity_path(small, q, timer("triton")) == "gemm"  # kept, not re-timed
+    assert timed == ["triton", "gemm", "triton", "gemm"]
+    monkeypatch.setenv(similarity.SIMILARITY_VAR, "gemm")
+    assert similarity.similarity_path(big, q) == "gemm"
+    monkeypatch.setenv(similarity.SIMILARITY_VAR, "cublas")
+    with pytest.raises(ValueError, match="expected auto, triton or gemm"):
+        similarity.similarity_path(big, q)
 
 
 def test_pixel_text_logits_single_stage_query_grad_only(triton):
