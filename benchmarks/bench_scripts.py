@@ -109,3 +109,24 @@ def test_shapes_transfer_null_scores_are_not_met():
     assert not checks["self-training raises unseen"]
     assert checks["seen mIoU >= 60"]
     assert shapes_transfer._fmt(None, "7.1f") == "      -"
+
+
+@pytest.mark.slow
+def test_train_throughput_cpu_smoke_writes_every_figure(tmp_path):
+    """benchmarks/train_throughput.py --cpu-smoke: the GPU script's whole flow at tiny size
+    (real, synthetic and authors'-style steps, the projection), figures finite and positive."""
+    import json
+    import math
+    import sys
+
+    sys.path.insert(0, str(HERE))
+    import train_throughput
+
+    assert train_throughput.main(["--cpu-smoke", "--modes", "frozen", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "throughput.json").read_text())
+    for variant in ("real", "synthetic", "authors"):
+        it_s = results[f"frozen/{variant}"]["it_s"]
+        assert math.isfinite(it_s) and it_s > 0
+    hours = results["projection_4gpu_hours"]["frozen"]["COCO-Stuff"]
+    assert hours["inductive_h"] == pytest.approx(80_000 / results["frozen/real"]["it_s"] / 3600)
+    assert set(results["environment"]) >= {"torch", "triton", "device"}

@@ -68,6 +68,10 @@ step bench_cache 110 env CASCADE_CLIP_BENCH_FULL=$full "${pytest_bench[@]}" benc
 step tests_gpu 200 python3 -m pytest -p no:cacheprovider -q tests/test_kernels.py tests/test_distributed.py
 step bench_train 100 env CASCADE_CLIP_BENCH_FULL=$full "${pytest_bench[@]}" -s benchmarks/bench_train.py \
     --benchmark-json="$OUT/bench_train.json"
+# Whole training, real input pipeline vs synthetic inputs vs the authors'-style fp32 eager
+# recipe, GPU-busy fraction, loader images/s, projected paper wall times.
+if [ "$SMOKE" = 1 ]; then tp_args=(--cpu-smoke --modes frozen); else tp_args=(--loader); fi
+step train_throughput 240 python3 benchmarks/train_throughput.py "${tp_args[@]}" --out "$OUT/throughput"
 # Last, as it is the slowest (Inductor compiles each case): torch.compile of the references.
 if [ "$SMOKE" != 1 ] && [ "${COMPILE:-1}" != 0 ]; then
     step gpu_check_compile 120 python3 benchmarks/gpu_check.py
