@@ -116,6 +116,7 @@ class AugmentConfig:
 @dataclass
 class TrainConfig:
     setting: Literal["inductive", "transductive", "fully_supervised"] = "inductive"
+    seed: int | None = None  # training randomness; None: the experiment seed (workflow.seeds sets it)
     iters: int = 80000
     batch_size: int = 4  # per process
     lr: float = 2e-4
@@ -150,6 +151,9 @@ class SelfTrainConfig:
 
 @dataclass
 class EvalConfig:
+    # The split evaluation reports; None: dataset.val_split. The shapes demo reports its
+    # held-out `test` split and tunes on `val`.
+    split: str | None = None
     crop_size: int = 512
     stride: int = 426
     short_side: int = 512

@@ -335,8 +335,16 @@ def build_train_dataset(cfg: Config, setting: str, cache: str | Path | None) -> 
         mode=setting,
         transform=train_transform(cfg.train.augment),
         drop_unseen_images=cfg.dataset.drop_unseen_images,
-        seed=cfg.seed,
+        seed=training_seed(cfg),
     )
+
+
+def training_seed(cfg: Config) -> int:
+    """The seed of everything random in a training run (head init, sample order, dropout,
+    online augmentation): train.seed, else the experiment seed. The world, the CLIP and the
+    feature cache follow the experiment seed alone, so runs of several training seeds share
+    them."""
+    return cfg.seed if cfg.train.seed is None else cfg.train.seed
 
 
 def batch_size_per_process(cfg: Config, setting: str) -> int:
@@ -351,7 +359,8 @@ def make_loader(
     dataset: torch.utils.data.Dataset, cfg: Config, env: DistEnv, consumed: int, batch_size: int
 ) -> torch.utils.data.DataLoader:
     """An endless loader of this rank's share, starting after `consumed` global items."""
-    sampler = ShardedInfiniteSampler(len(dataset), env.rank, env.world_size, seed=cfg.seed, start=consumed)
+    seed = training_seed(cfg)
+    sampler = ShardedInfiniteSampler(len(dataset), env.rank, env.world_size, seed=seed, start=consumed)
     workers = loader_workers(cfg.train.num_workers)
     return torch.utils.data.DataLoader(
         SeededItems(dataset),
@@ -362,7 +371,7 @@ def make_loader(
         drop_last=True,
         persistent_workers=workers > 0,
         prefetch_factor=cfg.train.prefetch_factor if workers > 0 else None,
-        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched
+        generator=torch.Generator().manual_seed(training_seed(cfg)),  # keeps the global RNG untouched
     )
 
 
@@ -458,7 +467,7 @@ def train(
 
     # 1. processes and seeds
     env = init_distributed(device)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(training_seed(cfg))
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
@@ -527,7 +536,7 @@ def train(
                 f"{half_step} it held; delete {ckpt_last} to train this run again from the start"
             )
         saved_world = len(state["rng"])
-        restore_rank_rng(state["rng"], env.rank, cfg.seed, step)
+        restore_rank_rng(state["rng"], env.rank, training_seed(cfg), step)
         if env.is_main:
             if saved_world != env.world_size:
                 print(
@@ -553,7 +562,7 @@ def train(
         if full:
             state["optimizer"] = optimizer.state_dict()
             state["scheduler"] = {"name": "warmup_poly", "step": step}
-            state["sampler"] = {"consumed": consumed, "seed": cfg.seed}
+            state["sampler"] = {"consumed": consumed, "seed": training_seed(cfg)}
             state["rng"] = rngs
         save_checkpoint(state, path)
 

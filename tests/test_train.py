@@ -413,3 +413,16 @@ def test_compiled_step_matches_eager(tmp_path, tiny_root, tiny_clip_config):
         return [r["loss"] for r in records if "loss" in r]
 
     assert losses("default") == pytest.approx(losses("none"), rel=1e-4)
+
+
+def test_train_seed_changes_the_run_not_the_data(tmp_path, tiny_root, tiny_clip_config):
+    """train.seed reseeds the run (another head init): different weights; unset, the
+    experiment seed decides, so train.seed equal to it is the same run."""
+    from cascade_clip.train import train
+
+    base = train(tiny_config(tiny_root, tiny_clip_config, iters=2), tmp_path / "base")
+    same = train(tiny_config(tiny_root, tiny_clip_config, iters=2, seed=0), tmp_path / "same")
+    other = train(tiny_config(tiny_root, tiny_clip_config, iters=2, seed=1), tmp_path / "other")
+    a, b, c = trainable(base), trainable(same), trainable(other)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
