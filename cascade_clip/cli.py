@@ -15,6 +15,7 @@ from cascade_clip.errors import CascadeClipError
 
 # name -> module, in pipeline order (this is also the order `--help` lists them in).
 COMMANDS = {
+    "plan": "cascade_clip.commands.plan",
     "download": "cascade_clip.commands.download",
     "prepare": "cascade_clip.commands.prepare",
     "make-shapes": "cascade_clip.commands.make_shapes",

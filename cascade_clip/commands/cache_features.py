@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image decoding workers (default: train.num_workers)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing complete cache made with another config")
+    parser.add_argument("--no-space-check", action="store_true",
+                        help="start even if the output's file system seems too small for the shard")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,6 +30,10 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     shard = parse_shard(args.shard)
+    if not args.no_space_check:  # refuse before writing anything (cascade_clip.plan)
+        from cascade_clip.plan import check_cache_space
+
+        check_cache_space(cfg, args.split, shard, args.out, overwrite=args.overwrite)
     workers = loader_workers(cfg.train.num_workers if args.workers is None else args.workers)
     write_shard(
         cfg, args.split, shard, args.out, device=args.device, workers=workers, overwrite=args.overwrite
