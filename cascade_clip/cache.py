@@ -1,4 +1,4 @@
-"""HDF5 cache of the frozen encoder's tapped features (DESIGN section 4, `frozen` mode).
+"""HDF5 cache of the frozen encoder's tapped features (docs/design.md: Feature cache).
 
 In `frozen` encoder mode the encoder never changes, so its tapped features are computed
 once per training view and the decoders train from disk.

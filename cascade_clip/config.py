@@ -68,7 +68,7 @@ class DecoderConfig:
 
 @dataclass
 class ModelConfig:
-    """The Cascade-CLIP head and how it taps the encoder (DESIGN section 1)."""
+    """The Cascade-CLIP head and how it taps the encoder (docs/design.md: The model)."""
 
     stages: list[list[int]] = field(default_factory=lambda: [[6, 7, 8], [9, 10, 11], [12]])
     tap_projection: Literal["random", "clip"] = "random"

@@ -1,4 +1,4 @@
-"""Inference: sigmoid scores, seen-class calibration, sliding window, argmax (DESIGN section 1)."""
+"""Inference: sigmoid scores, seen-class calibration, sliding window, argmax (docs/design.md: The model)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Cached class text embeddings (DESIGN section 1, "Text side").
+"""Cached class text embeddings (docs/design.md: The model, text).
 
 Per dataset and template set, the (K, C) float32 embeddings of ALL the dataset's classes
 (train-id order) are computed once with the frozen text tower and stored in HDF5::

@@ -1,6 +1,6 @@
 """Neighborhood Gaussian Aggregation (NGA): a weighted sum of a stage's tapped blocks.
 
-``out[b, n, c] = sum_l weights[l] * features[l, b, n, c]`` (DESIGN section 1), accumulated
+``out[b, n, c] = sum_l weights[l] * features[l, b, n, c]`` (docs/design.md: The model), accumulated
 in fp32 and returned in the features' dtype.
 
 Layout, as in the Triton layer-norm tutorial: the reference, then the forward kernel, the

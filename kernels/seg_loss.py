@@ -1,4 +1,4 @@
-"""Bilinear upsampling + sigmoid focal + dice segmentation loss (DESIGN section 1).
+"""Bilinear upsampling + sigmoid focal + dice segmentation loss (docs/design.md: The model).
 
 With ``x[b, k, p]`` the logits upsampled bilinearly (``align_corners=False``) from
 ``(h, w)`` to the target's ``(H, W)``, one-hot targets ``t[b, k, p] = (target[b, p] == k)``

@@ -2,7 +2,7 @@
 
 ``out[b, k, n] = scale * sum_s sum_d queries[s, b, k, d] * pixels[s, b, n, d]``: with
 ``scale = 1 / (H sqrt(d_h))`` this is every stage's head-averaged attention logit map,
-summed (DESIGN section 1). Accumulated and returned in fp32.
+summed (docs/design.md: The model). Accumulated and returned in fp32.
 
 One Triton kernel, a strided batched matmul that also sums over a "stage" axis, serves
 the forward and both gradients (as in the Triton matmul tutorial, plus two batch axes and

@@ -389,7 +389,7 @@ def test_degenerate_sizes(triton):
 
 
 # ----------------------------------------------------------------------------------------
-# The oracle itself: the reference loss against a naive re-statement of DESIGN section 1
+# The oracle itself: the reference loss against a naive re-statement of docs/design.md, The model
 # ----------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """`SegmentationDataset`: a torch Dataset over the common on-disk format.
 
-Modes (DESIGN section 1, "Settings"):
+Modes (docs/design.md: The model, settings):
 
 - "inductive": unseen-class pixels become 255 (ignore); with `drop_unseen_images=True`
   images whose label contains any unseen class are left out.

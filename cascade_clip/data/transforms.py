@@ -1,6 +1,6 @@
 """Training augmentation as explicit, replayable views, and the validation resize.
 
-Training (DESIGN section 1, MMSeg's pipeline): resize with a random ratio (long side <=
+Training (docs/design.md: The model; MMSeg's pipeline): resize with a random ratio (long side <=
 scale[0]*r, short side <= scale[1]*r, aspect kept), random crop with cat_max_ratio,
 horizontal flip, photometric distortion, ImageNet normalisation, pad to the crop size
 (image 0 after normalisation, label 255).

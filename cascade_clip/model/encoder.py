@@ -1,4 +1,4 @@
-"""The frozen CLIP image encoder, tapped at several blocks (DESIGN section 1).
+"""The frozen CLIP image encoder, tapped at several blocks (docs/design.md: The model).
 
 `TappedEncoder` runs an open_clip `VisionTransformer` block by block and returns, for
 every tapped block, its patch tokens projected to the joint embedding and L2-normalised,

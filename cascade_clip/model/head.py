@@ -1,5 +1,5 @@
 """The Cascade-CLIP head: in-stage fusion (NGA), relationship descriptor, one decoder per
-stage, summed pixel-text similarity maps (DESIGN section 1).
+stage, summed pixel-text similarity maps (docs/design.md: The model).
 
 Shapes used throughout: L tapped blocks, S stages, B images, N = h*w pixel tokens,
 C = CLIP embedding width (512 for ViT-B/16), D = decoder width, K classes, H heads.
