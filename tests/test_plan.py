@@ -211,9 +211,10 @@ def test_plan_shapes_demo(tmp_path, capsys):
     assert f"per image-view: {row:,} bytes" in out
     assert f"{n_train:,} training images (shapes.num_train) x 1 view(s) = {n_train:,} rows" in out
     for run in ("cascade", "single_decoder", "cascade_st"):
-        assert f"  {run} " in out and f"train {run} (" in out
+        assert f"\n  {run} " in out  # its checkpoints
     assert "95.6 MB (measured, pretrain-clip)" in out  # the small CLIP's architecture is the measured one
-    assert "whole workflow: " in out
+    # measured wall times, or per stage "not measured" with the first setting that differs
+    assert "whole workflow: 487-558 s" in out or "whole workflow: not measured (" in out
 
 
 def test_plan_shapes_times_only_for_the_measured_setup(tmp_path, capsys):
