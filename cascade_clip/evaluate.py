@@ -248,7 +248,7 @@ def evaluate(
     every class of it is treated as seen.
     """
     out_dir = Path(out_dir)
-    split = split or cfg.dataset.val_split
+    split = split or cfg.evaluate.split or cfg.dataset.val_split
 
     # 1. processes
     env: DistEnv = init_distributed(device)

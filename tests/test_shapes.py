@@ -115,3 +115,28 @@ def test_make_shapes_command(tmp_path, capsys):
     cfg.write_text("experiment: t\ndataset: {name: shapes, root: unused}\nshapes: {bogus: 1}\n")
     assert main(["make-shapes", "--config", str(cfg), "--out", str(out)]) != 0
     assert "bogus" in capsys.readouterr().err
+
+
+def test_four_disjoint_image_sets(tmp_path):
+    """pretrain / train / val / test share no image, and adding pretrain and test leaves the
+    train and val images byte-identical."""
+    import hashlib
+
+    root = shapes.generate_shapes(tmp_path / "w", seed=5, num_train=6, num_val=4, num_pretrain=6, num_test=4,
+                                  image_size=32, progress=False)
+    plain = shapes.generate_shapes(tmp_path / "plain", seed=5, num_train=6, num_val=4, image_size=32,
+                                   progress=False)
+    digests: dict[str, set[str]] = {}
+    for split, n in (("pretrain", 6), ("train", 6), ("val", 4), ("test", 4)):
+        files = sorted((root / "images" / split).glob("*.png"))
+        assert len(files) == n and len((root / "splits" / f"{split}.txt").read_text().split()) == n
+        digests[split] = {hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+        assert len(digests[split]) == n
+    splits = list(digests)
+    for i, a in enumerate(splits):
+        for b in splits[i + 1 :]:
+            assert not digests[a] & digests[b], (a, b)
+    for split in ("train", "val"):
+        for f in (plain / "images" / split).glob("*.png"):
+            assert f.read_bytes() == (root / "images" / split / f.name).read_bytes()
+    assert not (plain / "images" / "pretrain").exists()

@@ -179,7 +179,8 @@ def _tiny_config(results_dir: Path, resources: Path) -> dict:
     cfg["dataset"]["root"] = str(resources / "data" / "shapes")
     cfg["clip"]["pretrained"] = str(resources / "clip" / "checkpoint.pt")
     cfg["clip"]["model_config"] = str(resources / "clip" / "model_config.json")
-    cfg["shapes"] = dict(cfg.get("shapes") or {}, num_train=12, num_val=4, image_size=64)
+    cfg["shapes"] = dict(cfg.get("shapes") or {}, num_pretrain=12, num_train=12, num_val=4, num_test=4,
+                         image_size=64)
     cfg["pretrain"] = dict(cfg.get("pretrain") or {}, image_size=64, width=32, heads=2, embed_dim=32,
                            text="own", text_width=32, text_layers=1, steps=2, batch_size=8,
                            warmup_steps=1, max_seconds=10, log_interval=1)

@@ -10,7 +10,7 @@ from cascade_clip.errors import InputError
 
 HELP = "Generate the embedded 'shapes' world (images, labels, captions) from a seed."
 
-SHAPES_KEYS = ("seed", "num_train", "num_val", "image_size", "max_things")
+SHAPES_KEYS = ("seed", "num_train", "num_val", "num_pretrain", "num_test", "image_size", "max_things")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

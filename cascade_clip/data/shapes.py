@@ -1,4 +1,4 @@
-"""The embedded "shapes" world (DESIGN section 3): a procedurally generated segmentation
+"""The embedded "shapes" world (docs/design.md: The shapes world): a procedurally generated segmentation
 dataset, deterministic from a seed, written in the common on-disk format.
 
 Every image has a textured "stuff" background (one or two regions, split by a wavy line)
@@ -68,7 +68,11 @@ SHAPES_TEMPLATES: tuple[str, ...] = (
 )
 """Prompt templates for class text embeddings (template set "shapes")."""
 
-SPLITS: tuple[str, ...] = ("train", "val")
+SPLITS: tuple[str, ...] = ("train", "val", "pretrain", "test")
+"""The world's image sets, each its own random stream: `train` (the decoders' masks),
+`val` (every tuning choice), `pretrain` (the small CLIP's images and captions: the
+segmentation stages never see them, as real CLIP never saw COCO's images), `test` (the
+reported numbers). A split asked for with 0 images is not written."""
 
 
 def class_names() -> list[str]:
@@ -253,6 +257,8 @@ def generate_shapes(
     seed: int = 0,
     num_train: int = 2000,
     num_val: int = 400,
+    num_pretrain: int = 0,
+    num_test: int = 0,
     image_size: int = 128,
     max_things: int = 3,
     unseen: Sequence[str] | None = None,
@@ -260,10 +266,10 @@ def generate_shapes(
 ) -> Path:
     """Write the shapes world under `out_dir` and return it.
 
-    Deterministic: the same arguments give byte-identical files. Image i of split s is
-    drawn from `np.random.default_rng([seed, s, i])`, so splits and images are independent
-    streams. `unseen` (default `UNSEEN`) is recorded in dataset.json; it does not change
-    the images.
+    Deterministic: the same arguments give byte-identical files. Image i of split s (its
+    index in SPLITS) is drawn from `np.random.default_rng([seed, s, i])`, so splits and
+    images are independent streams, and adding a split changes no other split's images.
+    `unseen` (default `UNSEEN`) is recorded in dataset.json; it does not change the images.
     """
     if image_size < 32:
         raise InputError(f"image_size must be >= 32, got {image_size}")
@@ -274,15 +280,17 @@ def generate_shapes(
     if unknown:
         raise InputError(f"unknown unseen class name(s) {unknown}; known: {list(CLASSES)}")
     root = Path(out_dir)
-    counts = {"train": num_train, "val": num_val}
-    for split in SPLITS:
+    counts = {"train": num_train, "val": num_val, "pretrain": num_pretrain, "test": num_test}
+    written = [split for split in SPLITS if split in ("train", "val") or counts[split] > 0]
+    for split in written:
         for sub in ("images", "labels"):
             (root / sub / split).mkdir(parents=True, exist_ok=True)
     (root / "splits").mkdir(parents=True, exist_ok=True)
     (root / "captions").mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
 
-    for split_index, split in enumerate(SPLITS):
+    for split in written:
+        split_index = SPLITS.index(split)
         ids: list[str] = []
         lines: list[str] = []
         for i in tqdm(range(counts[split]), desc=f"shapes {split}", disable=not progress):
@@ -300,6 +308,8 @@ def generate_shapes(
         "seed": seed,
         "num_train": num_train,
         "num_val": num_val,
+        "num_pretrain": num_pretrain,
+        "num_test": num_test,
         "image_size": image_size,
         "max_things": max_things,
     }
