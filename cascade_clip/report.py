@@ -11,6 +11,7 @@ import csv
 import html
 import json
 import math
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ RUN_LABELS = {
     "single_decoder": "one decoder on the last block",
     "cascade": "Cascade-CLIP (NGA, cascaded decoders)",
     "cascade_st": "Cascade-CLIP + self-training (transductive)",
+    "frozen": "Frozen CLIP + Cascade-CLIP (no prompts; decoders on cached features)",
 }
 
 _STYLE = (
@@ -80,21 +82,82 @@ def read_metrics(path: Path) -> dict:
         raise InputError(f"{path}: not valid JSON ({err})") from None
 
 
-def summary_tables(results: Path, runs: Sequence[str], cross: Sequence[str], out: Path) -> list[dict]:
-    rows = []
+# Runs of one ablation row under several training seeds (`workflow.seeds`) are named
+# `<row>` (the first seed) and `<row>_seed<n>` (the others).
+SEED_SUFFIX = re.compile(r"_seed(\d+)$")
+SCORES = ("miou_seen", "miou_unseen", "hiou")
+
+
+def row_of(run: str) -> str:
+    """The ablation row a run belongs to: its name without a `_seed<n>` suffix."""
+    return SEED_SUFFIX.sub("", run)
+
+
+def _run_row(results: Path, run: str) -> dict:
+    m = read_metrics(results / "eval" / run / "metrics.json")
+    return {
+        "run": run,
+        "model": RUN_LABELS.get(row_of(run), row_of(run)),
+        "setting": m.get("setting", ""),
+        "miou_seen": as_score(m["miou_seen"]),
+        "miou_unseen": as_score(m["miou_unseen"]),
+        "hiou": as_score(m["hiou"]),
+        "num_images": m.get("num_images", ""),
+    }
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1); NaN std for one value, NaN if any is."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
+    return mean, std
+
+
+def _pm(mean: float, std: float) -> str:
+    return _fmt(mean) if math.isnan(std) else f"{_fmt(mean)} ± {std:.1f}"
+
+
+def seed_groups(runs: Sequence[str]) -> dict[str, list[str]]:
+    """row -> its runs, rows in first-appearance order."""
+    groups: dict[str, list[str]] = {}
     for run in runs:
-        m = read_metrics(results / "eval" / run / "metrics.json")
-        rows.append(
-            {
-                "run": run,
-                "model": RUN_LABELS.get(run, run),
-                "setting": m.get("setting", ""),
-                "miou_seen": as_score(m["miou_seen"]),
-                "miou_unseen": as_score(m["miou_unseen"]),
-                "hiou": as_score(m["hiou"]),
-                "num_images": m.get("num_images", ""),
-            }
+        groups.setdefault(row_of(run), []).append(run)
+    return groups
+
+
+def _seed_tables(per_run: list[dict], groups: dict[str, list[str]], out: Path) -> list[dict]:
+    """Several seeds: summary = mean ± std per row; per_seed.{html,csv} = every run."""
+    by_run = {r["run"]: r for r in per_run}
+    rows = []
+    for row, members in groups.items():
+        first = by_run[members[0]]
+        rec = {"run": row, "model": first["model"], "setting": first["setting"], "seeds": len(members)}
+        for key in SCORES:
+            rec[key], rec[f"{key}_std"] = _mean_std([by_run[m][key] for m in members])
+        rec["num_images"] = first["num_images"]
+        rows.append(rec)
+    with open(out / "per_seed.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(per_run[0]))
+        writer.writeheader()
+        writer.writerows({k: _csv_value(v) for k, v in r.items()} for r in per_run)
+    (out / "per_seed.html").write_text(
+        _html_table(
+            ["run", "setting", "mIoU(S)", "mIoU(U)", "hIoU"],
+            [[r["run"], r["setting"], *(_fmt(r[k]) for k in SCORES)] for r in per_run],
+            "Every run (one per ablation row and training seed)",
         )
+    )
+    return rows
+
+
+def summary_tables(results: Path, runs: Sequence[str], cross: Sequence[str], out: Path) -> list[dict]:
+    """summary.{html,csv}: one row per run; with several training seeds per row, one row per
+    ablation row with mean ± sample std over its seeds (and per_seed.{html,csv})."""
+    per_run = [_run_row(results, run) for run in runs]
+    groups = seed_groups(runs)
+    several = any(len(m) > 1 for m in groups.values())
+    rows = _seed_tables(per_run, groups, out) if several else per_run
     for dataset in cross:
         m = read_metrics(results / "eval" / "cross" / dataset / "metrics.json")
         rows.append(
@@ -108,26 +171,24 @@ def summary_tables(results: Path, runs: Sequence[str], cross: Sequence[str], out
                 "num_images": m.get("num_images", ""),
             }
         )
+    fields = list(dict.fromkeys(k for r in rows for k in r))  # cross rows have no std/seeds
     with open(out / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        writer.writerows({k: _csv_value(v) for k, v in r.items()} for r in rows)
+        writer.writerows({k: _csv_value(r.get(k)) for k in fields} for r in rows)
     table = [
         [
             r["model"],
             r["setting"],
-            _fmt(r["miou_seen"]),
-            _fmt(r["miou_unseen"]),
-            _fmt(r["hiou"]),
+            *(_pm(r[k], r.get(f"{k}_std", float("nan"))) for k in SCORES),
             str(r["num_images"]),
         ]
+        + ([str(r.get("seeds", ""))] if several else [])
         for r in rows
     ]
-    (out / "summary.html").write_text(
-        _html_table(
-            ["model", "setting", "mIoU(S)", "mIoU(U)", "hIoU", "images"], table, "Zero-shot segmentation"
-        )
-    )
+    header = ["model", "setting", "mIoU(S)", "mIoU(U)", "hIoU", "images"] + (["seeds"] if several else [])
+    title = "Zero-shot segmentation" + (" (mean ± std over training seeds)" if several else "")
+    (out / "summary.html").write_text(_html_table(header, table, title))
     return rows
 
 

@@ -200,3 +200,24 @@ def test_report_command_with_null_unseen(tmp_path, tiny_clip_config, capsys):
 def test_missing_metrics_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="cascade/metrics.json"):
         build_report(tmp_path, ["cascade"], [], tmp_path, tmp_path / "out")
+
+
+def test_several_training_seeds_give_mean_and_std_and_a_per_seed_table(tmp_path):
+    res, examples = _results(tmp_path)
+    _write_metrics(res / "eval/cascade_seed1/metrics.json", _metrics(70.0, 50.0, {"a": 70.0, "b": 50.0}))
+    out = tmp_path / "report"
+    rows = build_report(res, ["frozen_clip", "cascade", "cascade_seed1"], ["b"], examples, out)
+    assert [r["run"] for r in rows] == ["frozen_clip", "cascade"]
+    h1, h2 = 2 * 80 * 40 / 120, 2 * 70 * 50 / 120
+    hmean, hstd = (h1 + h2) / 2, abs(h1 - h2) / math.sqrt(2)
+    assert table(out / "summary.html") == [
+        ["model", "setting", "mIoU(S)", "mIoU(U)", "hIoU", "images", "seeds"],
+        ["frozen CLIP dense similarity (no decoder)", "inductive", "20.0", "10.0", "13.3", "3", "1"],
+        ["Cascade-CLIP (NGA, cascaded decoders)", "inductive", "75.0 ± 7.1", "45.0 ± 7.1",
+         f"{hmean:.1f} ± {hstd:.1f}", "3", "2"],
+    ]
+    with open(out / "summary.csv") as f:
+        records = {r["run"]: r for r in csv.DictReader(f)}
+    assert float(records["cascade"]["miou_seen_std"]) == pytest.approx(math.sqrt(50))
+    assert records["cascade"]["seeds"] == "2" and records["frozen_clip"]["miou_seen_std"] == ""
+    assert [r[0] for r in table(out / "per_seed.html")[1:]] == ["frozen_clip", "cascade", "cascade_seed1"]
