@@ -3,6 +3,10 @@
 # Validation is not cached: evaluation runs the encoder online with sliding windows.
 
 SHARDS = int(WF["cache_shards"])
+# The cache holds the config's model in frozen mode, also when the main run trains prompts
+# (vpt) and only an ablation row (`frozen`) reads the cache: the stages write and verify it
+# with this override. Runs that read it tap a subset of the config's blocks.
+CACHE_OVERRIDES = {} if config["model"]["encoder_mode"] == "frozen" else {"model.encoder_mode": "frozen"}
 
 
 rule cache_shard:
@@ -14,6 +18,7 @@ rule cache_shard:
     params:
         config=CONFIG,
         settings=settings("seed", "clip", "model", "train.augment", "cache", "dataset"),
+        overrides=overrides(CACHE_OVERRIDES),
         shard=lambda wc: f"{wc.shard}/{SHARDS}",
     log:
         f"{LOGS}/cache/shard-{{shard}}.log",
@@ -28,7 +33,7 @@ rule cache_shard:
         "../../environment.yml"
     shell:
         "OMP_NUM_THREADS={threads:q} cascade-clip gpu-run --gpus {resources.gpu:q} --"
-        " cascade-clip cache-features --config {params.config:q} --split train"
+        " cascade-clip cache-features --config {params.config:q} {params.overrides:q} --split train"
         " --shard {params.shard:q} --out {output:q} > {log:q} 2>&1"
 
 
@@ -39,6 +44,7 @@ rule cache_join:
         f"{RESULTS}/cache/train.h5",
     params:
         config=CONFIG,
+        overrides=overrides(CACHE_OVERRIDES),
     log:
         f"{LOGS}/cache/join.log",
     threads: 1
@@ -49,4 +55,5 @@ rule cache_join:
         "../../environment.yml"
     shell:
         "(cascade-clip cache-join --inputs {input:q} --out {output:q}"
-        " && cascade-clip cache-verify --config {params.config:q} --cache {output:q}) > {log:q} 2>&1"
+        " && cascade-clip cache-verify --config {params.config:q} {params.overrides:q} --cache {output:q})"
+        " > {log:q} 2>&1"
