@@ -97,6 +97,5 @@ rule evaluate_cross:
         "OMP_NUM_THREADS={threads:q} cascade-clip gpu-run --gpus {resources.gpu:q} --"
         " torchrun --standalone --nproc-per-node {params.nproc:q} -m cascade_clip.cli evaluate"
         " --config {params.config:q} {params.overrides:q} --checkpoint {input.ckpt:q}"
-        " --text {input.text:q} --set dataset.name={wildcards.dataset:q} --set dataset.root={params.root:q}"
-        " --set 'dataset.unseen=[]' --set train.setting=fully_supervised --out {params.out:q}"
-        " > {log:q} 2>&1"
+        " --text {input.text:q} --dataset-root {params.root:q} --dataset {wildcards.dataset:q}"
+        " --out {params.out:q} > {log:q} 2>&1"
