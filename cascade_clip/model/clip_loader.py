@@ -7,8 +7,10 @@ and its tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -101,6 +103,25 @@ def _load_weights(model: torch.nn.Module, path: str | Path) -> None:
     model.load_state_dict(state, strict=False)
 
 
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_random_init_warning():
+    """open_clip warns "No pretrained weights loaded ... Model initialized randomly" when it
+    builds a model without weights; for a model whose weights are loaded from a file right
+    after, that line in a run's log would be false."""
+    drop = _DropRandomInitWarning()
+    root = logging.getLogger()  # open_clip logs through the root logger
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def _build_from_config(open_clip, model_cfg: dict[str, Any]) -> torch.nn.Module:
     if "hf_model_name" in model_cfg.get("text_cfg", {}):
         return open_clip.CustomTextCLIP(**model_cfg)
@@ -156,7 +177,8 @@ def load_clip(cfg: ClipConfig) -> tuple[torch.nn.Module, Any]:
                 torch.manual_seed(0)
                 model = open_clip.create_model(cfg.model, pretrained=None, **kwargs)
         elif _looks_like_path(pretrained):
-            model = open_clip.create_model(cfg.model, pretrained=None, **kwargs)
+            with _without_random_init_warning():
+                model = open_clip.create_model(cfg.model, pretrained=None, **kwargs)
             _load_weights(model, pretrained)
         else:
             model = open_clip.create_model(cfg.model, pretrained=pretrained, **kwargs)

@@ -130,6 +130,50 @@ def class_embeddings(
     out = []
     for name in class_names:
         tokens = tokenizer([t.format(prompt_name(name, names_style)) for t in templates]).to(device)
-        emb = F.normalize(clip_model.encode_text(tokens).float(), dim=-1)
+        emb = F.normalize(encode_prompts(clip_model, tokens).float(), dim=-1)
         out.append(F.normalize(emb.mean(0), dim=-1))
     return torch.stack(out)
+
+
+def prompt_length(clip_model: torch.nn.Module, tokens: torch.Tensor) -> int | None:
+    """How many leading token positions decide `clip_model.encode_text(tokens)`, or None
+    when the text tower is not one this can tell for.
+
+    CLIP's own text tower is causal (a position attends to itself and those before it) and
+    pools the end-of-text token, the highest id (argmax pooling): the padding after the
+    longest prompt's end token changes no output that is pooled. So the first L positions,
+    L = that end token's position + 1, decide the embeddings. Other towers (Hugging Face
+    ones, other pooling, a non-causal mask) get None.
+    """
+    if getattr(clip_model, "text_pool_type", None) != "argmax":
+        return None
+    mask = getattr(clip_model, "attn_mask", None)
+    pos = getattr(clip_model, "positional_embedding", None)
+    n = tokens.shape[-1]
+    if not isinstance(mask, torch.Tensor) or not isinstance(pos, torch.Tensor) or tokens.dim() != 2:
+        return None
+    if mask.shape != (n, n) or pos.shape[0] != n:
+        return None
+    if not torch.equal(mask, torch.full_like(mask, float("-inf")).triu(1)):  # causal
+        return None
+    return int(tokens.argmax(dim=-1).max()) + 1
+
+
+@torch.no_grad()
+def encode_prompts(clip_model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """`clip_model.encode_text(tokens)`, run on the positions that decide it (see
+    `prompt_length`): "a photo of a {}." prompts end by position ~12 of the 77, so the text
+    tower does a sixth of the work (COCO-Stuff's 171 x 15 prompts with ViT-B/16 on 2 CPU
+    cores: ~4 min at 77 positions). The same embeddings up to float rounding; encode_text as
+    it is when the tower is of another kind."""
+    length = prompt_length(clip_model, tokens)
+    if length is None or length >= tokens.shape[-1]:
+        return clip_model.encode_text(tokens)
+    pos, mask = clip_model.positional_embedding, clip_model.attn_mask
+    try:
+        clip_model.positional_embedding = torch.nn.Parameter(pos[:length], requires_grad=False)
+        clip_model.attn_mask = mask[:length, :length]
+        return clip_model.encode_text(tokens[:, :length])
+    finally:
+        clip_model.positional_embedding = pos
+        clip_model.attn_mask = mask
