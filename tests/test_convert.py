@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from scipy.io import savemat
+from rehearsal.mirrors import jpeg_bytes, png_bytes, sbd_mat_bytes
 
 from cascade_clip.data.convert import (
     convert_coco_stuff,
@@ -28,17 +28,14 @@ from cascade_clip.data.registry import (
 
 def _jpg(path: Path, h: int, w: int, seed: int = 0) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    rgb = np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
-    Image.fromarray(rgb).save(path, quality=90)
+    path.write_bytes(jpeg_bytes(h, w, seed))
 
 
 def _png(path: Path, arr: np.ndarray, palette: bool = False) -> None:
+    """A label PNG; `palette`: a palette image whose pixels are the class indices, as VOC's
+    SegmentationClass files are."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    im = Image.fromarray(arr.astype(np.uint8))
-    if palette:  # VOC SegmentationClass PNGs are palette images: pixel = class index
-        im = Image.frombytes("P", im.size, im.tobytes())
-        im.putpalette([v for i in range(256) for v in ((i * 37) % 256, (i * 91) % 256, i)])
-    im.save(path)
+    path.write_bytes(png_bytes(arr, palette=palette))
 
 
 def _label(path: Path) -> np.ndarray:
@@ -117,9 +114,7 @@ def test_convert_coco_stuff_size_mismatch_names_files(tmp_path):
 
 def _sbd_mat(path: Path, seg: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    gt = {"Segmentation": seg.astype(np.uint8), "Boundaries": np.zeros((20, 1), dtype=object),
-          "CategoriesPresent": np.unique(seg[seg > 0]).astype(np.uint8)}
-    savemat(path, {"GTcls": gt})
+    path.write_bytes(sbd_mat_bytes(seg))
 
 
 def write_voc_fixture(root: Path) -> None:

@@ -6,13 +6,12 @@ import hashlib
 import io
 import re
 import tarfile
-import threading
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
+from rehearsal.mirrors import http_mirror
 
 from cascade_clip.download import (
     ChecksumError,
@@ -27,60 +26,12 @@ from cascade_clip.download import (
 PAYLOAD = bytes(range(256)) * 1200  # 300 KiB, several read chunks
 
 
-class _Handler(BaseHTTPRequestHandler):
-    timeout = 5  # a stuck client cannot hold a server thread for long
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server API
-        srv = self.server
-        rng = self.headers.get("Range")
-        srv.log.append((self.path, rng))
-        data = srv.files.get(self.path)
-        if data is None:
-            self.send_error(404)
-            return
-        start = 0
-        if rng and not srv.ignore_range:
-            m = re.fullmatch(r"bytes=(\d+)-", rng)
-            start = int(m.group(1))
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.path in srv.drop_once:  # promise everything, send half, hang up
-            srv.drop_once.discard(self.path)
-            self.wfile.write(body[: len(body) // 2])
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture
 def server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.daemon_threads = True
-    srv.files, srv.drop_once, srv.log, srv.ignore_range = {}, set(), [], False
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
-    try:
+    """A local HTTP server (127.0.0.1) serving `server.files` ({"/name": bytes}), with Range
+    support, `drop_once` paths cut half-way once, `ignore_range` and a request `log`."""
+    with http_mirror() as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(timeout=5)
 
 
 def _md5(b: bytes) -> str:
