@@ -19,11 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cascade_clip.data import get_spec, resolve_split
-    from cascade_clip.data.registry import unseen_class_names
+    from cascade_clip.data.registry import check_unseen_names
 
     cfg = config_from_args(args)
     spec = get_spec(cfg.dataset.name, cfg.dataset.root)
-    seen, unseen = resolve_split(spec, unseen_class_names(spec.name, cfg.dataset.unseen, cfg.dataset.root))
+    names = check_unseen_names(spec.name, cfg.dataset.unseen, spec.classes, args.config, cfg.dataset.root)
+    seen, unseen = resolve_split(spec, names)
     if not seen:
         raise InputError(f"{args.config}: every class of {spec.name} is unseen; nothing to train on")
     split = {

@@ -76,8 +76,12 @@ def place_image(src: Path, dst: Path, link: bool = True) -> None:
     shutil.copyfile(src, dst)
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(H, W) from the image header."""
+def image_size(path: Path, needed_by: Path | str | None = None) -> tuple[int, int]:
+    """(H, W) from the image header. A missing image is a MissingInputError naming it and,
+    when given, the label or annotation file that needs it."""
+    if not Path(path).is_file():
+        of = f" (the image of {needed_by})" if needed_by else ""
+        raise MissingInputError(f"{path}: image not found{of}")
     try:
         with Image.open(path) as im:
             w, h = im.size
@@ -87,7 +91,7 @@ def image_size(path: Path) -> tuple[int, int]:
 
 
 def check_same_size(image: Path, label_path: Path, label: np.ndarray) -> None:
-    hw = image_size(image)
+    hw = image_size(image, label_path)
     if tuple(label.shape[:2]) != hw:
         raise InputError(
             f"{label_path}: label size {label.shape[1]}x{label.shape[0]} differs from image "
@@ -397,7 +401,7 @@ def _context_one(task: tuple[dict, list[dict], Path, Path, Path, bool, str]) -> 
     mask = detail_class_mask(image, anns, where)
     lut = context59_lut(max(460, int(mask.max()) + 1))
     label = lut[mask]
-    hw = image_size(img_src)
+    hw = image_size(img_src, f"{where}, image {image.get('image_id')}")
     if label.shape != hw:
         raise InputError(
             f"{where}: image {image.get('image_id')} is annotated as {label.shape[1]}x"

@@ -208,6 +208,27 @@ def unseen_class_names(
     return [str(n) for n in unseen]
 
 
+def check_unseen_names(
+    name: str,
+    unseen: Sequence[str] | str | None,
+    classes: Sequence[str] | None = None,
+    where: str = "config",
+    root: str | Path | None = None,
+) -> list[str]:
+    """The unseen class names a config's `dataset.unseen` means (see `unseen_class_names`),
+    each checked against the dataset's classes: `classes` (a prepared dataset's), else the
+    registry's list. A name that is not a class raises InputError naming `where`, the key
+    and the name, before anything reads images (`cascade-clip split`; the workflow checks a
+    registry dataset's names when it starts, before the download)."""
+    names = unseen_class_names(name, unseen, root)
+    known = list(classes) if classes is not None else list(get_spec(name).classes)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        what = "is not a class" if len(unknown) == 1 else "are not classes"
+        raise InputError(f"{where}: dataset.unseen: {unknown} {what} of {name}; its classes: {known}")
+    return names
+
+
 def dataset_template_set(name: str) -> str:
     """The template set the release uses for dataset `name`."""
     if name not in DATASETS:

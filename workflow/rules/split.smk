@@ -1,5 +1,12 @@
 # Resolve the seen/unseen split (class names in config) against the dataset's classes.
-# A name that is not a class of the dataset stops the workflow here, before any training.
+# A name that is not a class of the dataset stops the workflow here, before any training;
+# a registry dataset's classes are known before its download, so its names are checked as
+# the workflow starts.
+
+from cascade_clip.data.registry import DATASETS, check_unseen_names
+
+if not IS_SHAPES and DATASET in DATASETS:
+    check_unseen_names(DATASET, config["dataset"]["unseen"], where="the workflow config")
 
 
 rule split:
