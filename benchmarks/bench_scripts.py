@@ -130,3 +130,24 @@ def test_train_throughput_cpu_smoke_writes_every_figure(tmp_path):
     hours = results["projection_4gpu_hours"]["frozen"]["COCO-Stuff"]
     assert hours["inductive_h"] == pytest.approx(80_000 / results["frozen/real"]["it_s"] / 3600)
     assert set(results["environment"]) >= {"torch", "triton", "device"}
+
+
+def test_shapes_transfer_seed_table_means_over_seeds(tmp_path, capsys):
+    """Several seeds: each row's mean over its <run>, <run>_seed<n> metrics, the targets
+    checked on those means, every seed's values printed."""
+    import json
+
+    def write(run, s, u):
+        path = tmp_path / "eval" / run / "metrics.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"miou_seen": s, "miou_unseen": u, "hiou": 2 * s * u / (s + u)}))
+
+    write("frozen_clip", 10.0, 10.0)
+    for run, (a, b) in {"single_decoder": (50, 40), "cascade": (60, 30), "cascade_st": (62, 60)}.items():
+        write(run, a, b)
+        write(f"{run}_seed1", a + 2, b + 4)
+    means = shapes_transfer.seed_table(tmp_path, [0, 1])
+    assert means["cascade"]["miou_unseen"] == pytest.approx(32.0)
+    assert means["frozen_clip"]["miou_seen"] == pytest.approx(10.0)
+    out = capsys.readouterr().out
+    assert "32.0 +-  2.8" in out and "cascade_seed1: 62.0 / 34.0" in out

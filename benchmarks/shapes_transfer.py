@@ -97,6 +97,39 @@ def target_checks(
     return checks, ratio
 
 
+def seed_table(results: Path, seeds: list[int]) -> dict[str, dict]:
+    """Print mean +- sample std over the training seeds per row, then every seed's values;
+    return the rows' mean metrics (what the targets are checked on)."""
+    from cascade_clip.report import _mean_std
+
+    means: dict[str, dict] = {}
+    per_seed = []
+    print(f"\nover {len(seeds)} training seeds {seeds} (mean +- std):")
+    for label, run, train_run in ROWS:
+        runs = [run] if train_run is None else [run] + [f"{run}_seed{s}" for s in seeds[1:]]
+        found = [json.loads(p.read_text()) for p in (results / "eval" / r / "metrics.json" for r in runs)
+                 if p.is_file()]
+        if len(found) != len(runs):
+            print(f"{label:32s} (missing metrics for some seeds)")
+            continue
+        row = {}
+        cells = []
+        for key in ("miou_seen", "miou_unseen", "hiou"):
+            values = [float("nan") if m[key] is None else m[key] for m in found]
+            mean, std = _mean_std(values)
+            row[key] = mean
+            cells.append(f"{mean:5.1f} +- {std:4.1f}" if len(values) > 1 else f"{mean:5.1f}        ")
+        means[run] = row
+        per_seed.append((label, runs, found))
+        print(f"{label:32s} " + "  ".join(cells))
+    print("\nper seed (S / U / hIoU):")
+    for label, runs, found in per_seed:
+        values = "; ".join(f"{r}: {_fmt(m['miou_seen'])} / {_fmt(m['miou_unseen'])} / {_fmt(m['hiou'])}"
+                           for r, m in zip(runs, found))
+        print(f"  {label}: {values}")
+    return means
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -106,12 +139,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", help="scratch folder (default: a new temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--seeds", default="0,1,2",
+                        help="training seeds (workflow.seeds): each row runs once per seed; "
+                        "the table shows mean +- std (default 0,1,2; one seed: the single-run table)")
     args = parser.parse_args(argv)
 
     cfg = yaml.safe_load(Path(args.config).read_text())
     for item in args.overrides:
         key, _, value = item.partition("=")
         _set(cfg, key, yaml.safe_load(value))
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    if len(seeds) > 1:
+        _set(cfg, "workflow.seeds", seeds)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="shapes_bench_"))
     (work / "config").mkdir(parents=True, exist_ok=True)
     (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -170,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{_fmt(m['hiou'], '6.1f')} "
             f"{_fmt(train_s, '8.0f')} {_fmt(eval_s, '7.0f')}"
         )
+    if len(seeds) > 1:
+        metrics = seed_table(results, seeds)
     print("\nstage wall times (s): " + ", ".join(f"{k} {_fmt(v, '.0f')}" for k, v in stages.items()))
     print(f"whole workflow: {total:.0f}s on {args.cores} cores (target: <= 600 s)")
 

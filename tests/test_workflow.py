@@ -217,3 +217,23 @@ def test_workflow_runs_in_folders_with_spaces(tmp_path):
         assert math.isfinite(metrics["hiou"]) and metrics["num_images"] == 4, run
     assert (results / "shapes" / "report" / "summary.csv").is_file()
     assert not list(tmp_path.rglob("INJECTED"))
+
+
+def test_seeds_run_every_row_once_per_training_seed(tmp_path):
+    """workflow.seeds: each ablation row and self-training once per seed (train.seed), the
+    first seed under the row's own name; self-training of a seed starts from its main run."""
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["workflow"]["seeds"] = [0, 3]
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    res = snakemake("-n", "-p", "--cores", "2", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    for run in ("cascade", "cascade_seed3", "single_decoder", "single_decoder_seed3", "cascade_st",
+                "cascade_st_seed3"):
+        assert f"runs/{run}/model_final.pt" in out and f"eval/{run}/metrics.json" in out, run
+    commands = [line for line in out.splitlines() if "cascade_clip.cli train" in line]
+    assert len(commands) == 6
+    st3 = [c for c in commands if "runs/cascade_st_seed3" in c]
+    assert len(st3) == 1 and "train.seed=3" in st3[0] and "runs/cascade_seed3/ckpt_half.pt" in st3[0]
+    assert sum("train.seed=0" in c for c in commands) == 3

@@ -15,10 +15,20 @@ DATASET = config["dataset"]["name"]
 DATA_ROOT = config["dataset"]["root"]
 DOWNLOADS = WF["downloads_dir"]
 IS_SHAPES = DATASET == "shapes"
-ABLATIONS = config["ablations"]  # run name -> {dotted.key: value}
+ABLATIONS = config["ablations"]  # row name -> {dotted.key: value}
 MAIN_RUN = WF["main_run"]
 SELF_TRAIN_RUN = f"{MAIN_RUN}_st"
-RUNS = list(ABLATIONS) + ([SELF_TRAIN_RUN] if WF["self_train"] else [])
+# workflow.seeds: every row (and self-training) trains once per training seed (train.seed)
+# over the same world, CLIP and cache. The first seed's run keeps the row's name, the others
+# are <row>_seed<n>; the report shows mean +- std per row. Unset: one run per row.
+SEEDS = WF.get("seeds") or [None]
+SEED_SUFFIXES = [""] + [f"_seed{seed}" for seed in SEEDS[1:]]
+RUN_ROW = {row + sfx: row for row in ABLATIONS for sfx in SEED_SUFFIXES}
+RUN_SEED = {row + sfx: seed for row in ABLATIONS for sfx, seed in zip(SEED_SUFFIXES, SEEDS)}
+TRAIN_RUNS = list(RUN_ROW)
+# self-training run -> the main run (same seed) it starts from
+ST_MAIN = {SELF_TRAIN_RUN + sfx: MAIN_RUN + sfx for sfx in SEED_SUFFIXES} if WF["self_train"] else {}
+RUNS = TRAIN_RUNS + list(ST_MAIN)
 
 if MAIN_RUN not in ABLATIONS:
     raise ValueError(f"workflow.main_run {MAIN_RUN!r} is not one of the ablations {list(ABLATIONS)}")
@@ -60,10 +70,14 @@ def overrides(mapping):
 
 
 def run_overrides(run):
-    """The config overrides that define a run (ablation row, or the self-training run)."""
-    if run == SELF_TRAIN_RUN:
-        return dict(ABLATIONS[MAIN_RUN], **{"train.setting": "transductive"})
-    return ABLATIONS[run]
+    """The config overrides that define a run: its ablation row's, its training seed, and
+    for self-training those of the main run it starts from plus the transductive setting."""
+    if run in ST_MAIN:
+        return dict(run_overrides(ST_MAIN[run]), **{"train.setting": "transductive"})
+    ov = dict(ABLATIONS[RUN_ROW[run]])
+    if RUN_SEED[run] is not None:
+        ov["train.seed"] = RUN_SEED[run]
+    return ov
 
 
 def run_value(run, dotted):
@@ -116,25 +130,57 @@ def parent_of(name):
     return lambda wildcards, output: str(Path(output[name]).parent)
 
 
+TRAIN_NODES = int(WF["train_nodes"])
+
+
+def train_resources():
+    """The GPU and node requests of a training job (train, self_train), as resources.
+
+    One node: `gpu` GPUs (Snakemake counts them locally; the SLURM executor asks `--gpus`).
+    Several nodes (workflow.train_nodes > 1, SLURM only): the job's own srun starts one task
+    per node (see `launcher`), so the executor must submit it as an `mpi` job, whose script
+    runs the rule directly: wrapped in an srun step of its own, as other jobs are, the job
+    would hold the CPUs the rule's srun asks for, and that srun would wait for ever. GPUs are
+    asked per node (gres gpu:N, one torchrun process each); `--gpus` would count them over
+    the whole job, so `gpu` is 0 there.
+    """
+    gpus = int(WF["train_gpus"])
+    if TRAIN_NODES == 1:
+        return {"gpu": gpus}
+    shape = {"gpu": 0, "nodes": TRAIN_NODES, "tasks": TRAIN_NODES, "tasks_per_gpu": 0, "mpi": "srun"}
+    if gpus:
+        shape["gres"] = f"gpu:{gpus}"
+    return shape
+
+
 def launcher(wildcards, resources):
-    """How a training/evaluation job starts its processes.
+    """How a training job starts its processes.
 
     One node: `torchrun --standalone`, one process per GPU that gpu-run locked for the job.
     Several nodes (workflow.train_nodes > 1, under SLURM): srun starts one torchrun per node
-    and they meet at the first node of the allocation (c10d rendezvous).
+    of the job's allocation (with the job's CPUs per task and GPUs per node); they meet at
+    this host, the node that runs the job's script and the rule (c10d rendezvous on a port
+    derived from the job id, so two jobs sharing a node do not collide). The executor runs
+    the rule with most SLURM_* variables removed, so nothing here reads the node list;
+    srun finds the allocation by SLURM_JOB_ID.
 
     Shell text that rules insert unquoted (`{params.launch}`): it holds only integers and
     fixed words, never a config string.
     """
-    per_node = nproc(resources.gpu)
-    nodes = int(WF["train_nodes"])
-    if nodes == 1:
+    if TRAIN_NODES == 1:
         return (
             f"cascade-clip gpu-run --gpus {resources.gpu} --"
-            f" torchrun --standalone --nproc-per-node {per_node}"
+            f" torchrun --standalone --nproc-per-node {nproc(resources.gpu)}"
         )
+    gpus = int(WF["train_gpus"])
+    step = f"srun --nodes {TRAIN_NODES} --ntasks-per-node 1 --kill-on-bad-exit=1"
+    cpus = resources.get("cpus_per_task")
+    if isinstance(cpus, int) and cpus > 0:
+        step += f" --cpus-per-task {cpus}"
+    if gpus:
+        step += f" --gres gpu:{gpus}"
     return (
-        f"srun --nodes {nodes} --ntasks-per-node 1 torchrun --nnodes {nodes} --nproc-per-node {per_node}"
+        f"{step} torchrun --nnodes {TRAIN_NODES} --nproc-per-node {nproc(gpus)}"
         " --rdzv-backend c10d --rdzv-id $SLURM_JOB_ID"
-        " --rdzv-endpoint $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1):29500"
+        " --rdzv-endpoint $(hostname):$((29500 + SLURM_JOB_ID % 1000))"
     )

@@ -12,7 +12,7 @@ rule train:
     output:
         final=f"{RESULTS}/runs/{{run}}/model_final.pt",
     wildcard_constraints:
-        run="|".join(ABLATIONS),
+        run="|".join(TRAIN_RUNS),
     params:
         config=CONFIG,
         settings=settings("seed", "clip", "model", "dataset", "train", "cache"),
@@ -25,12 +25,12 @@ rule train:
     benchmark:
         f"{BENCH}/train/{{run}}.tsv"
     # The main run heads the critical path (self-training waits on it): it goes first.
-    priority: lambda wc: 10 if wc.run == MAIN_RUN else 0
+    priority: lambda wc: 10 if RUN_ROW[wc.run] == MAIN_RUN else 0
     threads: WF["threads"]
     resources:
-        gpu=WF["train_gpus"],
         mem_mb=WF["train_mem_mb"],
         runtime=WF["train_runtime_min"],
+        **train_resources(),  # gpu; with workflow.train_nodes > 1 the SLURM multi-node shape
     conda:
         "../../environment.yml"
     shell:
