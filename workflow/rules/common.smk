@@ -139,10 +139,11 @@ def train_resources():
     One node: `gpu` GPUs (Snakemake counts them locally; the SLURM executor asks `--gpus`).
     Several nodes (workflow.train_nodes > 1, SLURM only): the job's own srun starts one task
     per node (see `launcher`), so the executor must submit it as an `mpi` job, whose script
-    runs the rule directly: wrapped in an srun step of its own, as other jobs are, the job
-    would hold the CPUs the rule's srun asks for, and that srun would wait for ever. GPUs are
-    asked per node (gres gpu:N, one torchrun process each); `--gpus` would count them over
-    the whole job, so `gpu` is 0 there.
+    runs the rule directly. Any other job runs inside a one-task srun step of the executor's,
+    and an srun started in there inherits that step's one task on one node ("can't run 1
+    processes on 2 nodes"): one torchrun would wait for a second node that never comes
+    (tests/test_slurm.py saw it on SLURM 22.05). GPUs are asked per node (gres gpu:N, one
+    torchrun process each); `--gpus` would count them over the whole job, so `gpu` is 0 there.
     """
     gpus = int(WF["train_gpus"])
     if TRAIN_NODES == 1:
