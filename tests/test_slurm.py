@@ -107,13 +107,13 @@ def wait(proc: subprocess.Popen, timeout: float, what: str, log: Path) -> int:
         pytest.fail(f"{what} did not finish in {timeout:.0f} s:\n{tail(log)}")
 
 
-def wait_for_failure(proc: subprocess.Popen, out: Path, timeout: float = 180) -> int:
-    """Snakemake's exit after it reported a failed job. It sleeps through one more status
-    interval (up to the executor's growing poll, ~30 s here) before exiting: once it has said
-    it is exiting, Ctrl-C it, as an impatient user would."""
+def wait_for_failure(proc: subprocess.Popen, out: Path, job_id: str, timeout: float = 180) -> int:
+    """Snakemake's exit after it reported the failed SLURM job. It sleeps through one more
+    status interval (the executor's poll, ~30-60 s by then) before it says it is exiting:
+    once it has reported the job, Ctrl-C it, as an impatient user would."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        if "Exiting because a job execution failed" in out.read_text(errors="replace"):
+        if f"SLURM-job '{job_id}' failed" in out.read_text(errors="replace"):
             try:
                 return proc.wait(timeout=3)
             except subprocess.TimeoutExpired:
@@ -239,7 +239,7 @@ def kill_and_resume(work: Path, cluster: SlurmCluster) -> dict:
                     f"did not catch the two-node train job between checkpoints (job {job_id}, "
                     f"step {killed_at})\n{tail(out)}{rule_logs(work / 'results')}"
                 )
-            facts["rc_killed"] = wait_for_failure(proc, out)
+            facts["rc_killed"] = wait_for_failure(proc, out, job_id)
         finally:
             kill_tree(proc)
     facts.update(killed_job=job_id, killed_at=killed_at, final_after_kill=(run / "model_final.pt").exists())
