@@ -278,6 +278,9 @@ def test_rehearsal(config, mirror, clip_dir, tmp_path):
     assert res.returncode == 0, res.stderr[-4000:] + logs[-8000:]
     check_rehearsal(work, results, real, overlay, mirror)
     times = stage_times(results)
+    cpu = sum(c for _, c in times.values())
+    print(f"\nrehearsal {config}: {wall:.0f} s wall, {cpu:.0f} s CPU in benchmarked jobs; "
+          + ", ".join(f"{k} {w:.0f}/{c:.0f}" for k, (w, c) in times.items()))
     # Done is done: the same command again has nothing to run.
     again = snakemake("-n", "--cores", "2", "--resources", "gpu=4", "--configfile",
                       str(ROOT / "config" / config), str(overlay_path), cwd=work, env=env)
@@ -288,9 +291,6 @@ def test_rehearsal(config, mirror, clip_dir, tmp_path):
                           str(overlay_path), cwd=work, env=env)
         assert built.returncode == 0, built.stderr[-3000:]
         assert html.stat().st_size > 10_000
-    cpu = sum(c for _, c in times.values())
-    print(f"\nrehearsal {config}: {wall:.0f} s wall, {cpu:.0f} s CPU in benchmarked jobs; "
-          + ", ".join(f"{k} {w:.0f}/{c:.0f}" for k, (w, c) in times.items()))
 
 
 def check_rehearsal(work: Path, results: Path, real: dict, overlay: dict, mirror) -> None:
