@@ -1,8 +1,8 @@
 """Dataset registry: class names in train-id order, the zero-shot split, the template set.
 
 Train id `i` of a dataset is `spec.classes[i]`; label PNGs on disk hold these ids, 255 =
-ignore (DESIGN section 2). Splits are always given as class *names*; `resolve_split` turns
-them into ids and refuses a name the dataset does not have.
+ignore (docs/design.md: Data and the zero-shot protocol). Splits are always given as class
+*names*; `resolve_split` turns them into ids and refuses a name the dataset does not have.
 
 The "shapes" world is generated in the pipeline (cascade_clip.data.shapes); its class list
 is read from the generator module when asked for, or from a generated dataset's
@@ -111,7 +111,7 @@ class _ShapesSpec:
 
     name: str = "shapes"
     templates: str = "shapes"
-    description: str = "procedurally generated demo world (DESIGN section 3)"
+    description: str = "procedurally generated demo world (docs/design.md: The shapes world)"
 
     def _module_attr(self, candidates: Sequence[str]) -> tuple[str, ...]:
         try:
