@@ -38,6 +38,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import psutil
@@ -67,13 +68,11 @@ def _missing() -> list[str]:
 MISSING = _missing()
 IN_CI = bool(os.environ.get("CI"))  # .ci/run installs SLURM: there a missing piece is a failure
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        bool(MISSING) and not IN_CI,
-        reason=f"needs {', '.join(MISSING)}: apt-get install slurm-wlm munge; pip install -e '.[dev]'",
-    ),
-]
+# The tests that start the cluster: slow, and skipped (outside CI) where SLURM is missing.
+needs_slurm = pytest.mark.skipif(
+    bool(MISSING) and not IN_CI,
+    reason=f"needs {', '.join(MISSING)}: apt-get install slurm-wlm munge; pip install -e '.[dev]'",
+)
 
 
 def snakemake(work: Path, *args: str) -> list[str]:
@@ -297,6 +296,8 @@ def runs(cluster, tmp_path_factory):
     }
 
 
+@pytest.mark.slow
+@needs_slurm
 def test_every_rule_ran_as_a_slurm_job(runs, cluster):
     planned = runs["planned"]
     assert planned == runs["planned_locally"]
@@ -316,6 +317,8 @@ def _metrics(results: Path, run: str) -> dict:
     return json.loads((results / "shapes" / "eval" / run / "metrics.json").read_text())
 
 
+@pytest.mark.slow
+@needs_slurm
 def test_slurm_outputs_match_the_local_run(runs):
     """Measured: the two runs agree exactly (fixed seeds, one thread per job on CPU), so the
     check is equality: weights and confusion counts bit for bit, mIoUs to 1e-9."""
@@ -343,6 +346,8 @@ def test_slurm_outputs_match_the_local_run(runs):
     ).read_text()
 
 
+@pytest.mark.slow
+@needs_slurm
 def test_two_node_training_cancelled_by_slurm_resumes(runs, cluster):
     """train_nodes: 2: one torchrun per slurmd (world size 2), scancel between checkpoints,
     then the user's recovery (`--unlock`, rerun with `--rerun-incomplete`)."""
@@ -379,3 +384,72 @@ def test_two_node_training_cancelled_by_slurm_resumes(runs, cluster):
     resumes = [r for r in records if r.get("event") == "resume"]
     assert len(resumes) == 1 and HALF < resumes[0]["step"] <= killed_at, resumes
     assert resumes[0]["world_size"] == resumes[0]["saved_world_size"] == 2
+
+
+# --- the job shape the executor submits, without a cluster -----------------------------
+
+HAS_PLUGIN = importlib.util.find_spec("snakemake_executor_plugin_slurm") is not None
+
+
+class _Resources(dict):
+    """A job's resources as the executor reads them (`.get` and attribute access)."""
+
+    __getattr__ = dict.__getitem__
+
+
+def _train_job(work: Path, **workflow) -> tuple[SimpleNamespace, str]:
+    """The train job of a dry run through the profile: its resources and shell command."""
+    cfg = tiny(work)
+    cfg["workflow"].update(workflow)
+    write_config(work, cfg)
+    res = subprocess.run(snakemake(work, "-n", "-p", "--workflow-profile", str(PROFILE)),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    block = (res.stdout + res.stderr).split("\nrule train:\n", 1)[1]
+    listed = re.search(r"^ +resources: (.*)$", block, flags=re.M).group(1)
+    shell = re.search(r"^Shell command: (.*)$", block, flags=re.M).group(1)
+    resources = _Resources()
+    for item in listed.split(", "):
+        key, value = item.split("=", 1)
+        resources[key] = int(value) if value.isdigit() else value
+    return SimpleNamespace(resources=resources, threads=1, name="train"), shell
+
+
+def _sbatch(job: SimpleNamespace) -> str:
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    params = dict(run_uuid="r", slurm_logfile="l", comment_str="rule_train", account="", partition=" -p gpu",
+                  workdir="w")
+    return get_submit_command(job, params) + set_gres_string(job)
+
+
+@pytest.mark.skipif(not HAS_PLUGIN, reason="needs snakemake-executor-plugin-slurm: pip install -e '.[dev]'")
+def test_two_node_gpu_training_job_shape(tmp_path):
+    """What the SLURM test cannot run without GPUs: 2 nodes of 4 GPUs each ask --gres=gpu:4
+    (per node, never --gpus=4 for the whole job, nor --ntasks-per-gpu), one task per node,
+    the profile's CPUs per task; an `mpi` job, so the executor's job step runs the rule
+    without its own srun around it; the rule's srun asks the same per node."""
+    job, shell = _train_job(tmp_path, train_nodes=2, train_gpus=4)
+    assert {k: job.resources[k] for k in ("nodes", "tasks", "gpu", "gres", "mpi", "cpus_per_task")} == dict(
+        nodes=2, tasks=2, gpu=0, gres="gpu:4", mpi="srun", cpus_per_task=32
+    )
+    call = _sbatch(job)
+    for flag in ("--nodes=2", "--ntasks=2", "--gres=gpu:4", "--cpus-per-task=32", "-p gpu"):
+        assert flag in call.split() or flag in call, (flag, call)
+    assert "--gpus" not in call and "--ntasks-per-gpu" not in call, call
+    assert shell.startswith(
+        "OMP_NUM_THREADS=1 srun --nodes 2 --ntasks-per-node 1 --kill-on-bad-exit=1 --cpus-per-task 32"
+        " --gres gpu:4 torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d"
+    ), shell
+
+
+@pytest.mark.skipif(not HAS_PLUGIN, reason="needs snakemake-executor-plugin-slurm: pip install -e '.[dev]'")
+def test_one_node_gpu_training_job_shape(tmp_path):
+    """One node: --gpus=4 for the job, run inside the executor's srun step (no `mpi`), and
+    gpu-run hands the job's GPUs to torchrun."""
+    job, shell = _train_job(tmp_path, train_gpus=4)
+    assert job.resources["gpu"] == 4 and "mpi" not in job.resources and "nodes" not in job.resources
+    call = _sbatch(job)
+    assert "--gpus=4" in call and "--nodes" not in call and "--gres" not in call, call
+    assert "cascade-clip gpu-run --gpus 4 -- torchrun --standalone --nproc-per-node 4" in shell, shell
