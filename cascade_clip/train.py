@@ -347,6 +347,32 @@ def training_seed(cfg: Config) -> int:
     return cfg.seed if cfg.train.seed is None else cfg.train.seed
 
 
+# train-section keys that change how a run goes, not what it trains: a run resumes across them
+RUNTIME_KEYS = ("num_workers", "prefetch_factor", "log_interval", "checkpoint_interval", "compile")
+
+
+def recipe_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What differs between the config a checkpoint was written with and this one, in what a
+    run trains (seed, CLIP, model, data, schedule): "train.iters: 1000 -> 1200"."""
+
+    def recipe(config: dict[str, Any]) -> dict[str, Any]:
+        train = {k: v for k, v in config.get("train", {}).items() if k not in RUNTIME_KEYS}
+        model = {k: v for k, v in config.get("model", {}).items() if k != "seen_calibration"}
+        keys = ("seed", "clip", "dataset", "self_train")
+        return {**{k: config.get(k) for k in keys}, "train": train, "model": model}
+
+    a, b = json.loads(json.dumps(recipe(saved))), json.loads(json.dumps(recipe(current)))
+    changes = []
+    for section in sorted(set(a) | set(b)):
+        x, y = a.get(section), b.get(section)
+        if isinstance(x, dict) and isinstance(y, dict):
+            changes += [f"{section}.{k}: {x.get(k)!r} -> {y.get(k)!r}"
+                        for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
+        elif x != y:
+            changes.append(f"{section}: {x!r} -> {y!r}")
+    return changes
+
+
 def batch_size_per_process(cfg: Config, setting: str) -> int:
     """train.batch_size, or self_train.batch_size for self-training when set (the release
     self-trains VOC with 8 images per GPU, trains with 4)."""
@@ -465,8 +491,15 @@ def train(
     final = out_dir / "model_final.pt"
     log_path = out_dir / "log.jsonl"
 
-    # 1. processes and seeds
+    # 1. processes and seeds; a run folder left by another config is started over, not resumed
     env = init_distributed(device)
+    if resume and ckpt_last.is_file():
+        changed = recipe_changes(load_checkpoint(ckpt_last)["config"], config_to_dict(cfg))
+        if changed:
+            if env.is_main:
+                print(f"{ckpt_last}: written for another config ({'; '.join(changed[:3])}); "
+                      "starting this run over")
+            resume = False
     torch.manual_seed(training_seed(cfg))
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)

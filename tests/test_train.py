@@ -426,3 +426,38 @@ def test_train_seed_changes_the_run_not_the_data(tmp_path, tiny_root, tiny_clip_
     a, b, c = trainable(base), trainable(same), trainable(other)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_continues_the_same_recipe_and_restarts_a_changed_one(
+    tmp_path, tiny_root, tiny_clip_config, capsys
+):
+    """--resume after a crash continues; after a config edit that changes what the run
+    trains (the workflow reruns the rule), the run starts over instead of resuming the old
+    schedule; a runtime-only change (loader workers, log interval) still resumes."""
+    from cascade_clip.train import train
+
+    def crash(step: int) -> None:
+        if step == 5:
+            raise Interrupt
+
+    def events(run) -> list:
+        return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+    cfg = tiny_config(tiny_root, tiny_clip_config)
+    with pytest.raises(Interrupt):
+        train(cfg, tmp_path / "a", on_step=crash)
+    train(tiny_config(tiny_root, tiny_clip_config, log_interval=2), tmp_path / "a", resume=True)
+    assert [r["step"] for r in events(tmp_path / "a") if r.get("event") == "resume"] == [4]
+
+    with pytest.raises(Interrupt):
+        train(cfg, tmp_path / "b", on_step=crash)
+    changed = tiny_config(tiny_root, tiny_clip_config, lr=5e-4)
+    train(changed, tmp_path / "b", resume=True)
+    out = capsys.readouterr().out
+    assert "written for another config (train.lr: 0.001 -> 0.0005); starting this run over" in out
+    log = events(tmp_path / "b")
+    assert not [r for r in log if r.get("event") == "resume"]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    fresh = train(changed, tmp_path / "c")
+    a, b = trainable(tmp_path / "b" / "model_final.pt"), trainable(fresh)
+    assert all(torch.equal(a[k], b[k]) for k in a)
