@@ -22,8 +22,11 @@ ITERS, HALF, EVERY = 600, 300, 50
 
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and all its descendants, as a crash or an OOM kill would."""
-    parent = psutil.Process(pid)
-    procs = [*parent.children(recursive=True), parent]
+    try:
+        parent = psutil.Process(pid)
+        procs = [*parent.children(recursive=True), parent]
+    except psutil.NoSuchProcess:
+        return
     for p in procs:
         try:
             p.kill()

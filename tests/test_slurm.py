@@ -41,11 +41,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import psutil
 import pytest
 import torch
 import yaml
 from slurm_cluster import SlurmCluster, missing_binaries
+from test_recovery import kill_tree as kill_pid_tree
 from test_workflow import ROOT, _tiny_config
 
 PROFILE = ROOT / "workflow" / "profiles" / "slurm"
@@ -85,17 +85,7 @@ def on_slurm(work: Path, *args: str) -> list[str]:
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
-    try:
-        parent = psutil.Process(proc.pid)
-        procs = [*parent.children(recursive=True), parent]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=10)
+    kill_pid_tree(proc.pid)
 
 
 def wait(proc: subprocess.Popen, timeout: float, what: str, log: Path) -> int:
