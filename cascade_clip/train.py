@@ -361,16 +361,17 @@ def recipe_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
         keys = ("seed", "clip", "dataset", "self_train")
         return {**{k: config.get(k) for k in keys}, "train": train, "model": model}
 
-    a, b = json.loads(json.dumps(recipe(saved))), json.loads(json.dumps(recipe(current)))
-    changes = []
-    for section in sorted(set(a) | set(b)):
-        x, y = a.get(section), b.get(section)
-        if isinstance(x, dict) and isinstance(y, dict):
-            changes += [f"{section}.{k}: {x.get(k)!r} -> {y.get(k)!r}"
-                        for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
-        elif x != y:
-            changes.append(f"{section}: {x!r} -> {y!r}")
-    return changes
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(node, dict):
+            return {prefix: node}
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(flat(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+
+    a = flat(json.loads(json.dumps(recipe(saved))))
+    b = flat(json.loads(json.dumps(recipe(current))))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def batch_size_per_process(cfg: Config, setting: str) -> int:

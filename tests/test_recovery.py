@@ -6,6 +6,7 @@ checkpoint holds the half-way weights, and the log keeps every step."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -44,16 +45,20 @@ def _step(path: Path) -> int:
 
 @pytest.mark.slow
 def test_killed_workflow_resumes_without_losing_work(tmp_path):
-    results = tmp_path / "results"
-    cfg = _tiny_config(results, tmp_path / "resources")
+    """Also the whole tiny workflow in folders whose names have spaces and a quote (working
+    directory, results, resources): every stage's command gets them whole."""
+    work = tmp_path / "work dir"
+    work.mkdir()
+    results = tmp_path / "my results"
+    cfg = _tiny_config(results, tmp_path / "it's resources")
     cfg["train"].update(iters=ITERS, log_interval=1, checkpoint_interval=EVERY)
     cfg["self_train"] = {"iters": 4, "start_fraction": HALF / ITERS}
     cfg["workflow"]["self_train"] = True
-    (tmp_path / "config").mkdir()
-    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (work / "config").mkdir()
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
     run = results / "shapes" / "runs" / "cascade"
 
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path)]
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work)]
     proc = subprocess.Popen([*cmd, "--cores", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed_at = -1
     try:
@@ -69,9 +74,10 @@ def test_killed_workflow_resumes_without_losing_work(tmp_path):
     assert HALF < killed_at < ITERS, f"did not catch the run between its checkpoints (last {killed_at})"
     assert not (run / "model_final.pt").exists()
 
-    assert snakemake("--unlock", cwd=tmp_path).returncode == 0
-    res = snakemake("--cores", "2", "--rerun-incomplete", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-4000:]
+    assert snakemake("--unlock", cwd=work).returncode == 0
+    res = snakemake("--cores", "2", "--rerun-incomplete", cwd=work)
+    logs = "\n".join(p.read_text()[-1500:] for p in sorted(results.rglob("*.log")))
+    assert res.returncode == 0, res.stderr[-4000:] + logs
 
     assert _step(run / "ckpt_half.pt") == HALF
     assert _step(run / "model_final.pt") == ITERS
@@ -81,3 +87,8 @@ def test_killed_workflow_resumes_without_losing_work(tmp_path):
     resumes = [r for r in records if r.get("event") == "resume"]
     assert len(resumes) == 1 and HALF < resumes[0]["step"] <= killed_at
     assert (results / "shapes" / "runs" / "cascade_st" / "model_final.pt").is_file()
+    for name in ("frozen_clip", "cascade", "cascade_st"):
+        metrics = json.loads((results / "shapes" / "eval" / name / "metrics.json").read_text())
+        assert math.isfinite(metrics["hiou"]) and metrics["num_images"] == 4, name
+    assert (results / "shapes" / "report" / "summary.csv").is_file()
+    assert not list(tmp_path.rglob("INJECTED"))

@@ -278,14 +278,23 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, tiny_root, tiny_cl
     assert all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
 
 
-def test_resume_refuses_other_model_config(tmp_path, tiny_root, tiny_clip_config):
+def test_resume_with_another_model_config_starts_over_and_init_refuses_it(
+    tmp_path, tiny_root, tiny_clip_config, capsys
+):
+    """--resume never loads a checkpoint of another model config: the run starts over (what
+    the workflow wants when a config edit reruns the rule); --init refuses it by name."""
     from cascade_clip.train import train
 
     cfg = tiny_config(tiny_root, tiny_clip_config, iters=2)
-    train(cfg, tmp_path / "run")
+    first = tmp_path / "first.pt"
+    first.write_bytes(train(cfg, tmp_path / "run").read_bytes())
     cfg.model.decoder.heads = 4
+    train(cfg, tmp_path / "run", resume=True)
+    assert "model.decoder.heads: 2 -> 4); starting this run over" in capsys.readouterr().out
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert not [r for r in log if r.get("event") == "resume"]
     with pytest.raises(ValueError, match=r"model\.decoder\.heads: checkpoint 2, config 4"):
-        train(cfg, tmp_path / "run", resume=True)
+        train(cfg, tmp_path / "other", init=first)
 
 
 def test_train_cli(tmp_path, tiny_root, tiny_clip_config, capsys):

@@ -196,29 +196,6 @@ def _tiny_config(results_dir: Path, resources: Path) -> dict:
     return cfg
 
 
-@pytest.mark.slow
-def test_workflow_runs_in_folders_with_spaces(tmp_path):
-    """The whole tiny workflow with its working directory, results and resources (world, CLIP)
-    in folders whose names have spaces (and a quote): every stage's command gets them whole."""
-    import json
-    import math
-
-    work = tmp_path / "work dir"
-    work.mkdir()
-    results = tmp_path / "my results"
-    cfg = _tiny_config(results, tmp_path / "it's resources")
-    (work / "config").mkdir()
-    (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
-    res = snakemake("--cores", "2", cwd=work)
-    logs = "\n".join(p.read_text()[-1500:] for p in sorted(results.rglob("*.log")))
-    assert res.returncode == 0, res.stderr[-4000:] + logs
-    for run in ("frozen_clip", "cascade"):
-        metrics = json.loads((results / "shapes" / "eval" / run / "metrics.json").read_text())
-        assert math.isfinite(metrics["hiou"]) and metrics["num_images"] == 4, run
-    assert (results / "shapes" / "report" / "summary.csv").is_file()
-    assert not list(tmp_path.rglob("INJECTED"))
-
-
 def test_seeds_run_every_row_once_per_training_seed(tmp_path):
     """workflow.seeds: each ablation row and self-training once per seed (train.seed), the
     first seed under the row's own name; self-training of a seed starts from its main run."""
