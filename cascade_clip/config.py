@@ -289,17 +289,22 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for depth, key in enumerate(parents):
-            if node.get(key) is None:  # absent, or `section:` left empty in the YAML
-                node[key] = {}
-            node = node[key]
-            if not isinstance(node, dict):
-                where = ".".join(parents[: depth + 1])
-                raise ConfigError(f"{path}: --set {dotted}: {where} is {type(node).__name__}, not a section")
-        node[leaf] = value
+        set_dotted(data, dotted, value, f"{path}: --set {dotted}")
     return config_from_dict(data, str(path))
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any, where: str = "config") -> None:
+    """data["a"]["b"] = value for "a.b", creating absent or empty (null) sections."""
+    node = data
+    *parents, leaf = dotted.split(".")
+    for depth, key in enumerate(parents):
+        if node.get(key) is None:  # absent, or `section:` left empty in the YAML
+            node[key] = {}
+        node = node[key]
+        if not isinstance(node, dict):
+            section = ".".join(parents[: depth + 1])
+            raise ConfigError(f"{where}: {section} is {type(node).__name__}, not a section")
+    node[leaf] = value
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from cascade_clip.cache import (
     write_shard,
 )
 from cascade_clip.cli import main as cli_main
-from cascade_clip.config import ClipConfig, config_from_dict
+from cascade_clip.config import ClipConfig, config_from_dict, set_dotted
 from cascade_clip.data.dataset import SegmentationDataset
 from cascade_clip.data.transforms import TrainTransform
 from cascade_clip.model import load_clip
@@ -77,11 +77,7 @@ def _cfg_dict(root: Path, weights: Path, model_config: dict, **over) -> dict:
         "cache": {"views_per_image": 2, "batch_size": 3},
     }
     for dotted, value in over.items():
-        node = d
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
+        set_dotted(d, dotted, value)
     return d
 
 

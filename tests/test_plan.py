@@ -22,7 +22,7 @@ from PIL import Image
 
 from cascade_clip import cache, plan
 from cascade_clip.cli import main as cli_main
-from cascade_clip.config import load_config
+from cascade_clip.config import load_config, set_dotted
 from cascade_clip.testing import tiny_clip_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,11 +66,7 @@ def _config(root: Path, results: Path, **over) -> dict:
         "workflow": {"cache_shards": 2},
     }
     for dotted, value in over.items():
-        node = d
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
+        set_dotted(d, dotted, value)
     return d
 
 
