@@ -31,6 +31,8 @@ from pathlib import Path
 
 import yaml
 
+from cascade_clip.config import set_dotted
+
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = (
     ("frozen CLIP dense similarity", "frozen_clip", None),
@@ -38,14 +40,6 @@ ROWS = (
     ("cascade + NGA", "cascade", "cascade"),
     ("cascade + self-training", "cascade_st", "cascade_st"),
 )
-
-
-def _set(cfg: dict, dotted: str, value: object) -> None:
-    node = cfg
-    *parents, leaf = dotted.split(".")
-    for key in parents:
-        node = node.setdefault(key, {})
-    node[leaf] = value
 
 
 def _bench_seconds(path: Path) -> float | None:
@@ -147,10 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = yaml.safe_load(Path(args.config).read_text())
     for item in args.overrides:
         key, _, value = item.partition("=")
-        _set(cfg, key, yaml.safe_load(value))
+        set_dotted(cfg, key, yaml.safe_load(value))
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     if len(seeds) > 1:
-        _set(cfg, "workflow.seeds", seeds)
+        set_dotted(cfg, "workflow.seeds", seeds)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="shapes_bench_"))
     (work / "config").mkdir(parents=True, exist_ok=True)
     (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -27,7 +27,6 @@ found before anything is written.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
@@ -215,14 +214,6 @@ def check_class_count(state: dict[str, torch.Tensor], num_seen: int, num_all: in
                 )
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def import_official(
     cfg: Config,
     checkpoint: str | Path,
@@ -236,6 +227,7 @@ def import_official(
     released model was trained as: evaluation applies the seen calibration to inductive
     models only.
     """
+    from cascade_clip.cache import file_sha256
     from cascade_clip.checkpoint import CHECKPOINT_VERSION, save_checkpoint
     from cascade_clip.data import get_spec, load_classes
     from cascade_clip.data.registry import unseen_class_names
