@@ -44,6 +44,7 @@ from cascade_clip.kernels import sigmoid_focal_dice_loss
 from torch.utils.data import DataLoader, default_collate
 
 from cascade_clip import cache
+from cascade_clip.cache import write as cache_write
 from cascade_clip.config import Config, config_from_dict
 
 FULL = os.environ.get("CASCADE_CLIP_BENCH_FULL", "0") == "1"
@@ -162,7 +163,7 @@ def test_storage(benchmark, env, features, codec):
         t0 = time.perf_counter()
         with h5py.File(path, "w") as f:
             if codec == "none":
-                d = cache._create(f, "taps", taps.shape, np.float16, (1, *taps.shape[1:]))
+                d = cache_write._create(f, "taps", taps.shape, np.float16, (1, *taps.shape[1:]))
             else:
                 d = f.create_dataset("taps", taps.shape, np.float16, chunks=(1, *taps.shape[1:]),
                                      **COMPRESSIONS[codec])

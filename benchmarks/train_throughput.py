@@ -135,13 +135,8 @@ def time_steps(cfg, mode: str, variant: str, cache: Path | None, steps: int, war
 
     from cascade_clip.distributed import DistEnv
     from cascade_clip.model import CascadeCLIP, load_clip
-    from cascade_clip.train import (
-        CompiledStep,
-        TrainStep,
-        build_train_dataset,
-        make_loader,
-        model_inputs,
-    )
+    from cascade_clip.train.inputs import build_train_dataset, make_loader
+    from cascade_clip.train.step import CompiledStep, TrainStep, model_inputs
 
     model_cfg = dataclasses.replace(cfg.model, encoder_mode=mode)
     cfg = dataclasses.replace(cfg, model=model_cfg)
@@ -215,7 +210,7 @@ def loader_throughput(cfg, cache: Path | None, workers: int, batches: int) -> fl
     import dataclasses
 
     from cascade_clip.distributed import DistEnv
-    from cascade_clip.train import build_train_dataset, make_loader
+    from cascade_clip.train.inputs import build_train_dataset, make_loader
 
     mode = "frozen" if cache is not None else "vpt"
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, encoder_mode=mode),

@@ -36,13 +36,13 @@ from torch import nn
 from tqdm import tqdm
 
 from cascade_clip.checkpoint import check_checkpoint, load_checkpoint
+from cascade_clip.classes import config_unseen_names, text_embeddings
 from cascade_clip.config import Config
 from cascade_clip.distributed import DistEnv, all_reduce_max, all_reduce_sum, init_distributed, loader_workers
 from cascade_clip.errors import InputError
 from cascade_clip.inference import calibrate, predict_labels, sliding_window_scores
 from cascade_clip.metrics import confusion_matrix, summarize
 from cascade_clip.model import CascadeCLIP, TappedEncoder, load_clip
-from cascade_clip.train import dataset_unseen_names, text_embeddings
 
 BASELINES = ("dense",)
 
@@ -258,7 +258,7 @@ def evaluate(
     from cascade_clip.data.transforms import eval_transform
 
     names = tuple(load_classes(cfg.dataset.root))
-    unseen_names = [] if cross_dataset else dataset_unseen_names(cfg)
+    unseen_names = [] if cross_dataset else config_unseen_names(cfg)
     unseen_ids = {names.index(n) for n in unseen_names if n in names}
     if len(unseen_ids) != len(set(unseen_names)):
         missing = sorted(set(unseen_names) - set(names))

@@ -395,10 +395,11 @@ def shard_allowance(rows: int) -> int:
 def shard_data_bytes(cfg: Config, split: str, shard: tuple[int, int], visual: Any = None) -> tuple[int, int]:
     """(raw dataset bytes, rows) of shard `shard` = (I, N) of `split`, from the prepared
     dataset's split list, exactly as `cascade_clip.cache.write_shard` lays it out."""
-    from cascade_clip.cache import shard_range, unseen_names
+    from cascade_clip.cache import shard_range
+    from cascade_clip.classes import config_unseen_names
     from cascade_clip.data.dataset import SegmentationDataset
 
-    data = SegmentationDataset(cfg.dataset.root, split, unseen=unseen_names(cfg), mode="inductive")
+    data = SegmentationDataset(cfg.dataset.root, split, unseen=config_unseen_names(cfg), mode="inductive")
     id_bytes = max(1, max((len(i.encode()) for i in data.ids), default=1))
     visual = meta_vision_tower(cfg) if visual is None else visual
     row = cache_row_for(cfg, encoder_shape(visual), data.num_classes, id_bytes)

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 import cascade_clip
-from cascade_clip.cache import CacheError, CacheMismatchError, _attrs, _open_h5, partial_path, weights_digest
+from cascade_clip.cache.provenance import CacheError, CacheMismatchError, open_h5, read_attrs, weights_digest
+from cascade_clip.cache.write import partial_path
 from cascade_clip.config import Config
 from cascade_clip.errors import InputError
 
@@ -110,8 +111,8 @@ def write_text_embeddings(path: str | Path, cfg: Config, embeddings: torch.Tenso
 def load_text_embeddings(path: str | Path, cfg: Config) -> tuple[torch.Tensor, list[str]]:
     """(K, C) float32 tensor and the class names, after checking provenance against `cfg`."""
     path = Path(path)
-    with _open_h5(path) as f:
-        attrs = _attrs(f)
+    with open_h5(path) as f:
+        attrs = read_attrs(f)
         if attrs.get("kind") != TEXT_KIND:
             raise CacheError(f"{path}: not a cascade-clip text-embedding file (kind={attrs.get('kind')!r})")
         try:

@@ -30,6 +30,7 @@ from cascade_clip.cache import (
     verify_cache,
     write_shard,
 )
+from cascade_clip.cache import write as cache_write
 from cascade_clip.cli import main as cli_main
 from cascade_clip.config import ClipConfig, config_from_dict, set_dotted
 from cascade_clip.data.dataset import SegmentationDataset
@@ -320,7 +321,7 @@ def test_disk_full_keeps_partial_and_verified_cache(world, joined, tmp_path, mon
     before = out.read_bytes()
     cfg = _cfg(world, seed=5)
     calls = {"n": 0}
-    real = cache._write_rows
+    real = cache_write._write_rows
 
     def full_disk(f, start, rows):
         calls["n"] += 1
@@ -328,14 +329,14 @@ def test_disk_full_keeps_partial_and_verified_cache(world, joined, tmp_path, mon
             raise OSError(errno.ENOSPC, "No space left on device")
         real(f, start, rows)
 
-    monkeypatch.setattr(cache, "_write_rows", full_disk)
+    monkeypatch.setattr(cache_write, "_write_rows", full_disk)
     with pytest.raises(CacheError, match=r"shard.h5.partial: disk full after 3/4 rows.*rerun to resume"):
         write_shard(cfg, "train", (0, 2), out, model=world["model"], overwrite=True, progress=False,
                     log=_quiet)
     assert out.read_bytes() == before
     assert cache.partial_path(out).exists()
     # a rerun without --overwrite refuses to touch the other config's cache, naming the field
-    monkeypatch.setattr(cache, "_write_rows", real)
+    monkeypatch.setattr(cache_write, "_write_rows", real)
     with pytest.raises(CacheMismatchError, match="'seed'.*kept"):
         write_shard(cfg, "train", (0, 2), out, model=world["model"], progress=False, log=_quiet)
     logs = []
@@ -352,15 +353,15 @@ def test_killed_shard_resumes_to_the_same_file(world, joined, tmp_path):
     out = tmp_path / "shard-0-of-2.h5"
     script = textwrap.dedent(f"""
         import os
-        from cascade_clip import cache
+        from cascade_clip.cache import write
         from cascade_clip.cli import main
-        real, calls = cache._write_rows, [0]
+        real, calls = write._write_rows, [0]
         def killer(f, start, rows):
             real(f, start, rows)
             calls[0] += 1
             if calls[0] == 2:
                 os._exit(9)  # killed after flushing the rows, before their done flags
-        cache._write_rows = killer
+        write._write_rows = killer
         main(["cache-features", "--config", {str(world["cfg_path"])!r}, "--shard", "0/2",
               "--out", {str(out)!r}, "--device", "cpu", "--workers", "0"])
     """)
@@ -369,7 +370,7 @@ def test_killed_shard_resumes_to_the_same_file(world, joined, tmp_path):
     assert proc.returncode == 9, proc.stderr
     assert not out.exists() and cache.partial_path(out).exists()
     with h5py.File(cache.partial_path(out)) as f:
-        assert cache._done_prefix(f) == 3
+        assert cache_write.done_prefix(f) == 3
     args = ["cache-features", "--config", str(world["cfg_path"]), "--shard", "0/2", "--out", str(out),
             "--device", "cpu", "--workers", "0"]
     assert cli_main([*args[:-1], "2"]) == 0  # resumed with two decoding workers

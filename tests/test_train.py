@@ -123,7 +123,7 @@ def tiny_root(tmp_path_factory) -> Path:
 
 
 def test_learning_rate_warmup_then_poly():
-    from cascade_clip.train import learning_rate
+    from cascade_clip.train.step import learning_rate
 
     lrs = [learning_rate(s, 1e-3, 100, 10, 0.9, 1e-6) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-3 * (1 - 0 / 100) ** 0.9 / 10 + 1e-6 / 10, rel=1e-3)
@@ -133,7 +133,8 @@ def test_learning_rate_warmup_then_poly():
 
 
 def test_count_masks_and_lut():
-    from cascade_clip.train import ClassSplit, count_masks
+    from cascade_clip.classes import ClassSplit
+    from cascade_clip.train.step import count_masks
 
     target = torch.tensor([[[0, 0], [1, 255]], [[2, 2], [255, 255]]])
     assert count_masks(target, 3).item() == 3
@@ -144,7 +145,7 @@ def test_count_masks_and_lut():
 
 
 def test_pseudo_label_takes_argmax_over_unseen_only():
-    from cascade_clip.train import pseudo_label
+    from cascade_clip.train.step import pseudo_label
 
     logits = torch.zeros(1, 3, 2, 2)
     logits[0, 0] = 10.0  # a seen class scores highest everywhere
@@ -156,7 +157,7 @@ def test_pseudo_label_takes_argmax_over_unseen_only():
 
 
 def test_subsample_labels_takes_cell_centres():
-    from cascade_clip.train import subsample_labels
+    from cascade_clip.train.step import subsample_labels
 
     labels = torch.arange(30).view(1, 5, 6)
     assert subsample_labels(labels, 1) is labels
@@ -257,7 +258,7 @@ def test_self_training_from_half_checkpoint(tmp_path, tiny_root, tiny_clip_confi
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, tiny_root, tiny_clip_config, monkeypatch):
-    import cascade_clip.train as train_mod
+    import cascade_clip.train.loop as train_mod
 
     cfg = tiny_config(tiny_root, tiny_clip_config)
     real = train_mod.sigmoid_focal_dice_loss
