@@ -9,6 +9,9 @@ Cases (each records its figures in ``benchmark.extra_info``):
   write, flush): images/s.
 - ``test_read_cache``: ``FeatureCacheDataset`` items (taps + label rebuilt from the view)
   through a DataLoader: items/s.
+- ``test_read_rows[list-index|row-slices]``: a batch of random shard rows read with h5py's
+  list indexing (``taps[[r0, r1, ...]]``) against one slice per row (what the reader does):
+  batches/s; both read the same arrays.
 - ``test_step[cached|online]``: one training step of the head (forward, focal+dice loss,
   backward, AdamW) on the same batch, from cached features vs with the frozen encoder
   run online on the augmented images (both with their inputs in memory); and
@@ -228,6 +231,31 @@ def test_read_cache(benchmark, env):
     assert len(ds) == SETUP.num_images * SETUP.views
     assert counts and all(n == len(ds) for n in counts)
     _record(benchmark, items=len(ds), items_per_s=len(ds) / median(times))
+
+
+@pytest.mark.parametrize("how", ["list-index", "row-slices"])
+def test_read_rows(benchmark, env, how):
+    rng = np.random.default_rng(0)
+    with h5py.File(env["shard"], "r") as f:
+        taps = f["taps"]
+        size = min(SETUP.batch, taps.shape[0])
+        batches = [sorted(rng.choice(taps.shape[0], size, replace=False).tolist()) for _ in range(20)]
+
+        times: list[float] = []
+
+        def read() -> list[np.ndarray]:
+            t0 = time.perf_counter()
+            if how == "list-index":
+                out = [taps[rows] for rows in batches]
+            else:
+                out = [np.stack([taps[r] for r in rows]) for rows in batches]
+            times.append(time.perf_counter() - t0)
+            return out
+
+        got = benchmark.pedantic(read, rounds=SETUP.rounds, iterations=1)
+        for rows, arr in zip(batches, got):
+            assert np.array_equal(arr, np.stack([taps[r] for r in rows]))
+    _record(benchmark, batch=size, batches_per_s=len(batches) / median(times))
 
 
 def _batch_sources(env):

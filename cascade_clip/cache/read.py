@@ -104,20 +104,20 @@ class FeatureCacheDataset(Dataset):
 
     def _read_rows(self, shard: int, local: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """taps (n, L, N, C) and global tokens (n, C) of shard rows `local` (increasing,
-        distinct): one HDF5 read per dataset instead of one per row."""
+        distinct), one row slice per row: a row is one taps chunk, and h5py's list indexing
+        (`taps[local]`) builds a point selection that read the demo's batches of 16 rows
+        75x slower (104 ms against 1.4 ms; benchmarks/NOTES.md)."""
         f = self._handle(shard)
         try:
-            if len(local) == 1:
-                return f["taps"][local[0]][None], f["global_token"][local[0]][None]
-            return f["taps"][local], f["global_token"][local]
+            taps, glob = f["taps"], f["global_token"]
+            return np.stack([taps[r] for r in local]), np.stack([glob[r] for r in local])
         except OSError as err:
             path = self.layout.shard_files[shard]
             raise CacheError(f"{path}: rows {local[:4]} unreadable, truncated or corrupt ({err})") from None
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
         """Items `indices` (what the DataLoader's batched fetch calls): rows are grouped by
-        shard and read in one sorted call each, so a cached batch costs a few HDF5 reads,
-        not one per image."""
+        shard, and each shard's file handle is looked up once per batch."""
         rows = [int(self.rows[i]) for i in indices]
         by_shard: dict[int, list[int]] = {}
         for row in rows:
