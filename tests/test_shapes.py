@@ -83,6 +83,11 @@ def test_deterministic(world, tmp_path):
         tmp_path / "again", seed=3, num_train=8, num_val=4, image_size=64, progress=False
     )
     assert _files(again) == _files(world)
+    # worker processes render the same files (every image is its own random stream)
+    parallel = shapes.generate_shapes(
+        tmp_path / "parallel", seed=3, num_train=8, num_val=4, image_size=64, progress=False, workers=2
+    )
+    assert _files(parallel) == _files(world)
     other = shapes.generate_shapes(
         tmp_path / "other", seed=4, num_train=8, num_val=4, image_size=64, progress=False
     )

@@ -16,6 +16,7 @@ SHAPES_KEYS = ("seed", "num_train", "num_val", "num_pretrain", "num_test", "imag
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--out", help="dataset folder to write (default: the config's dataset.root)")
+    parser.add_argument("--workers", type=int, default=1, help="processes rendering images (same files)")
 
 
 def shapes_settings(cfg: Any) -> dict[str, Any]:
@@ -41,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     settings = shapes_settings(cfg)
     out = args.out or cfg.dataset.root
-    root = generate_shapes(out, **settings)
+    if args.workers < 1:
+        raise InputError(f"--workers must be >= 1, got {args.workers}")
+    root = generate_shapes(out, **settings, workers=args.workers)
     print(f"shapes world written to {root} ({settings})")
     return 0

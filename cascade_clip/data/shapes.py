@@ -251,6 +251,17 @@ def _write_png(array: np.ndarray, path: Path, mode: str) -> None:
     Image.fromarray(array, mode).save(path, format="PNG", optimize=False, compress_level=6)
 
 
+def _write_sample(job: tuple[Path, str, int, int, int, int, int]) -> tuple[str, str]:
+    """Render image `i` of a split from its own stream and write it; returns (id, caption JSON)."""
+    root, split, split_index, i, seed, image_size, max_things = job
+    rng = np.random.default_rng([seed, split_index, i])
+    sample = render_sample(rng, image_size=image_size, max_things=max_things)
+    sid = f"{split}_{i:06d}"
+    _write_png(sample.image, root / "images" / split / f"{sid}.png", "RGB")
+    _write_png(sample.label, root / "labels" / split / f"{sid}.png", "L")
+    return sid, json.dumps({"id": sid, "caption": sample.caption, "classes": sample.classes})
+
+
 def generate_shapes(
     out_dir: str | Path,
     *,
@@ -263,6 +274,7 @@ def generate_shapes(
     max_things: int = 3,
     unseen: Sequence[str] | None = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> Path:
     """Write the shapes world under `out_dir` and return it.
 
@@ -270,6 +282,7 @@ def generate_shapes(
     index in SPLITS) is drawn from `np.random.default_rng([seed, s, i])`, so splits and
     images are independent streams, and adding a split changes no other split's images.
     `unseen` (default `UNSEEN`) is recorded in dataset.json; it does not change the images.
+    `workers` > 1 renders in that many processes (same files).
     """
     if image_size < 32:
         raise InputError(f"image_size must be >= 32, got {image_size}")
@@ -287,23 +300,25 @@ def generate_shapes(
             (root / sub / split).mkdir(parents=True, exist_ok=True)
     (root / "splits").mkdir(parents=True, exist_ok=True)
     (root / "captions").mkdir(parents=True, exist_ok=True)
+    from concurrent.futures import ProcessPoolExecutor
+
     from tqdm import tqdm
 
-    for split in written:
-        split_index = SPLITS.index(split)
-        ids: list[str] = []
-        lines: list[str] = []
-        for i in tqdm(range(counts[split]), desc=f"shapes {split}", disable=not progress):
-            sample = render_sample(
-                np.random.default_rng([seed, split_index, i]), image_size=image_size, max_things=max_things
-            )
-            sid = f"{split}_{i:06d}"
-            _write_png(sample.image, root / "images" / split / f"{sid}.png", "RGB")
-            _write_png(sample.label, root / "labels" / split / f"{sid}.png", "L")
-            ids.append(sid)
-            lines.append(json.dumps({"id": sid, "caption": sample.caption, "classes": sample.classes}))
-        (root / "splits" / f"{split}.txt").write_text("".join(f"{s}\n" for s in ids))
-        (root / "captions" / f"{split}.jsonl").write_text("".join(f"{line}\n" for line in lines))
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        for split in written:
+            s = SPLITS.index(split)
+            jobs = [(root, split, s, i, seed, image_size, max_things) for i in range(counts[split])]
+            # Every image is its own stream, so worker processes write exactly what one would.
+            done = pool.map(_write_sample, jobs, chunksize=32) if pool else map(_write_sample, jobs)
+            records = list(tqdm(done, total=len(jobs), desc=f"shapes {split}", disable=not progress))
+            ids = [sid for sid, _ in records]
+            lines = [line for _, line in records]
+            (root / "splits" / f"{split}.txt").write_text("".join(f"{s}\n" for s in ids))
+            (root / "captions" / f"{split}.jsonl").write_text("".join(f"{line}\n" for line in lines))
+    finally:
+        if pool is not None:
+            pool.shutdown()
     generator = {
         "seed": seed,
         "num_train": num_train,

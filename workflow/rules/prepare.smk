@@ -14,14 +14,15 @@ if IS_SHAPES:
             f"{LOGS}/make_shapes.log",
         benchmark:
             f"{BENCH}/make_shapes.tsv"
-        threads: 1
+        threads: max(1, min(4, workflow.cores or 1))  # the first job: nothing runs beside it
         resources:
             mem_mb=2000,
             runtime=30,
         conda:
             "../../environment.yml"
         shell:
-            "cascade-clip make-shapes --config {params.config:q} --out {params.root:q} > {log:q} 2>&1"
+            "cascade-clip make-shapes --config {params.config:q} --out {params.root:q} --workers {threads} "
+            "> {log:q} 2>&1"
 
 
 for _name, _root in DATA_ROOTS.items():
