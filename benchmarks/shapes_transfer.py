@@ -5,8 +5,10 @@ config) in a scratch folder: generate the world, pre-train the small CLIP, cache
 features, train the cascade and the single-decoder baseline inductively on seen classes,
 self-train, evaluate. Then prints, for the frozen dense-similarity baseline, the single
 decoder on the last block, the cascade with NGA and the cascade + self-training:
-mIoU seen / unseen / hIoU on the world's val split and each stage's wall time, plus the
+mIoU seen / unseen / hIoU on the world's held-out test split (`evaluate.split`), mean +- std
+over the training seeds, and each stage's wall time, plus the
 issue's targets (unseen >= 30 and >= 1.5x frozen, seen >= 60) and the total wall time.
+Recipe choices are made on `val` with benchmarks/shapes_search.py, never here.
 
 A benchmark-style script, not a timed test:
 

@@ -1,4 +1,4 @@
-"""The shapes demo end to end through Snakemake, at its smallest size (slow: runs in CI)."""
+"""The shapes demo end to end through Snakemake, at a small size (slow: runs in CI)."""
 
 from __future__ import annotations
 
@@ -14,22 +14,30 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _tiny_demo_config() -> dict:
-    """config/config.yaml with the world, pre-training and schedules shrunk to seconds."""
+def _small_demo_config() -> dict:
+    """config/config.yaml at 64x64 with a smaller world and shorter schedules: ~110 s on 2 cores.
+
+    Small enough for CI, large enough for the small CLIP to learn the class names, so that the
+    zero-shot claim can be checked: measured at this size (2 cores, commit of this test), frozen
+    CLIP's unseen mIoU on test was 12.6, the inductive cascade's 36.3, the one decoder's 29.2,
+    self-training's 42.6."""
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    cfg["shapes"] = dict(cfg.get("shapes") or {}, num_pretrain=32, num_train=32, num_val=8, num_test=8)
-    cfg["pretrain"] = dict(cfg.get("pretrain") or {}, steps=10, max_seconds=20)
-    train = cfg.setdefault("train", {})
-    train.update(iters=8, warmup_iters=2, log_interval=2, checkpoint_interval=4, num_workers=0)
-    cfg["self_train"] = dict(cfg.get("self_train") or {}, iters=4)
-    cfg.setdefault("evaluate", {})["num_visualize"] = 2
+    cfg["shapes"] = dict(cfg["shapes"], num_pretrain=1000, num_train=300, num_val=8, num_test=100,
+                         image_size=64)
+    cfg["pretrain"] = dict(cfg["pretrain"], steps=150, image_size=64, warmup_steps=15)
+    cfg["clip"]["image_size"] = 64
+    train = cfg["train"]
+    train.update(iters=400, warmup_iters=20, log_interval=50, checkpoint_interval=200, num_workers=0)
+    train["augment"] = dict(train["augment"], scale=[128, 64], crop_size=64)
+    cfg["self_train"] = dict(cfg["self_train"], iters=100)
+    cfg["evaluate"].update(crop_size=64, stride=48, short_side=64, num_visualize=2)
     return cfg
 
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     (tmp_path / "config").mkdir()
-    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(_tiny_demo_config()))
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(_small_demo_config()))
     base = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path)]
     res = subprocess.run([*base, "--cores", "2"], capture_output=True, text=True, timeout=1200)
     logs = "\n".join(p.read_text()[-1500:] for p in sorted((tmp_path / "results").rglob("*.log")))
@@ -41,7 +49,13 @@ def test_demo_end_to_end(tmp_path):
         metrics = json.loads((results / "eval" / run / "metrics.json").read_text())
         for key in ("miou_seen", "miou_unseen", "hiou"):
             assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), (run, key)
-        assert metrics["num_images"] == 8 and metrics["split"] == "test"  # reported on held-out test
+        assert metrics["num_images"] == 100 and metrics["split"] == "test"  # reported on held-out test
+    # The claim the demo exists for: decoders trained on seen masks segment unseen classes by
+    # name far better than frozen CLIP's own dense similarity (measured 36.3 against 12.6).
+    unseen = {run: json.loads((results / "eval" / run / "metrics.json").read_text())["miou_unseen"]
+              for run in runs}
+    assert unseen["cascade"] >= max(1.5 * unseen["frozen_clip"], unseen["frozen_clip"] + 10), unseen
+    assert unseen["cascade_st"] > unseen["frozen_clip"] + 10, unseen
     summary = (results / "report" / "summary.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in summary[1:]] == runs
     assert (results / "report" / "curves.png").stat().st_size > 0
@@ -69,7 +83,7 @@ def test_demo_end_to_end(tmp_path):
 
     # An edit to config.yaml reruns exactly the rules that read the edited values: a new
     # learning rate retrains and re-evaluates, but keeps the world, the CLIP and the cache.
-    cfg = _tiny_demo_config()
+    cfg = _small_demo_config()
     cfg["train"]["lr"] = 2 * float(cfg["train"]["lr"])
     (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
     res = subprocess.run([*base, "--cores", "2", "-n"], capture_output=True, text=True, timeout=300)
