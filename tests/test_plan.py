@@ -219,10 +219,10 @@ def test_plan_shapes_times_only_for_the_measured_setup(tmp_path, capsys):
     measured.update({f"pretrain.{k}": v for k, v in plan.DEMO_MEASURED_KEYS["pretrain"].items()})
     out = _plan_text(capsys, *_demo_argv(tmp_path, **measured))
     assert "whole workflow: 418-480 s" in out and "pretrain-clip 188-201 s" in out
-    assert "177.2 MB (measured, make-shapes" in out
+    assert "177 MB (measured, make-shapes" in out
     changed = _plan_text(capsys, *_demo_argv(tmp_path, **{**measured, "train.iters": 2000}))
     assert "whole workflow: not measured (train.iters is 2000, measured with 1000)" in changed
-    assert "177.2 MB (measured" in changed  # the world is the same
+    assert "177 MB (measured" in changed  # the world is the same
     bigger = {**measured, "shapes": {**plan.SHAPES_MEASURED, "num_train": 500}}
     changed = _plan_text(capsys, *_demo_argv(tmp_path, **bigger))
     assert "whole workflow: not measured (shapes.num_train is 500, measured with 2000)" in changed

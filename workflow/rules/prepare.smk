@@ -14,14 +14,14 @@ if IS_SHAPES:
             f"{LOGS}/make_shapes.log",
         benchmark:
             f"{BENCH}/make_shapes.tsv"
-        threads: max(1, min(4, workflow.cores or 1))  # the first job: nothing runs beside it
+        threads: 4  # the first job, nothing beside it; Snakemake gives it at most --cores
         resources:
             mem_mb=2000,
             runtime=30,
         conda:
             "../../environment.yml"
         shell:
-            "cascade-clip make-shapes --config {params.config:q} --out {params.root:q} --workers {threads} "
+            "cascade-clip make-shapes --config {params.config:q} --out {params.root:q} --workers {threads:q} "
             "> {log:q} 2>&1"
 
 
