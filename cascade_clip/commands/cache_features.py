@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     shard = parse_shard(args.shard)
     if not args.no_space_check:  # refuse before writing anything (cascade_clip.plan)
-        from cascade_clip.plan import check_cache_space
+        from cascade_clip.plan.sizes import check_cache_space
 
         check_cache_space(cfg, args.split, shard, args.out, overwrite=args.overwrite)
     workers = loader_workers(cfg.train.num_workers if args.workers is None else args.workers)
