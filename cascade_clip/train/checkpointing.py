@@ -141,15 +141,17 @@ def truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def resumable(files: RunFiles, cfg: Config, env: DistEnv) -> bool:
-    """Whether DIR/ckpt_last.pt exists and was written for this recipe. A folder left by another
-    recipe (the workflow reruns a rule after a config edit) is started over, with a message."""
+def resumable_state(files: RunFiles, cfg: Config, env: DistEnv) -> dict[str, Any] | None:
+    """DIR/ckpt_last.pt's state when it exists and was written for this recipe, else None. A
+    folder left by another recipe (the workflow reruns a rule after a config edit) is started
+    over, with a message."""
     if not files.last.is_file():
-        return False
-    changed = recipe_changes(load_checkpoint(files.last)["config"], config_to_dict(cfg))
+        return None
+    state = load_checkpoint(files.last)
+    changed = recipe_changes(state["config"], config_to_dict(cfg))
     if changed and env.is_main:
         print(f"{files.last}: written for another config ({'; '.join(changed[:3])}); starting this run over")
-    return not changed
+    return None if changed else state
 
 
 class Checkpointer:
@@ -180,10 +182,9 @@ class Checkpointer:
             self.files.log.unlink(missing_ok=True)
         return Progress()
 
-    def resume(self, half_step: int) -> Progress:
-        """Load ckpt_last.pt's weights, optimiser, stream position and generators."""
+    def resume(self, state: dict[str, Any], half_step: int) -> Progress:
+        """Restore ckpt_last.pt's `state`: weights, optimiser, stream position and generators."""
         path, env = self.files.last, self.env
-        state = load_checkpoint(path)
         check_checkpoint(state, self.cfg, path, self.split.names, self.split.unseen_names)
         if state["setting"] != self.setting:
             raise InputError(f"{path}: written by a {state['setting']} run, this run is {self.setting}")

@@ -24,7 +24,7 @@ from cascade_clip.train.checkpointing import (
     Progress,
     RunFiles,
     log_line,
-    resumable,
+    resumable_state,
     write_run_config,
 )
 from cascade_clip.train.inputs import (
@@ -76,7 +76,7 @@ def train(
 
     # 1. processes and seeds; a run folder left by another recipe is started over, not resumed
     env = init_distributed(device)
-    resume = resume and resumable(files, cfg, env)
+    resume_state = resumable_state(files, cfg, env) if resume else None
     torch.manual_seed(training_seed(cfg))
     if env.is_main:
         write_run_config(files, cfg)
@@ -93,7 +93,7 @@ def train(
             f"{cfg.clip.image_size} (the encoder's input)"
         )
     model, queries = build_model(cfg, split, text, env)
-    if init is not None and not resume:
+    if init is not None and resume_state is None:
         state = load_checkpoint(init)
         check_checkpoint(state, cfg, init, split.names, split.unseen_names)
         model.load_trainable_state_dict(state["model"])
@@ -118,7 +118,7 @@ def train(
 
     # 6. start, or resume from DIR/ckpt_last.pt
     ckpt = Checkpointer(files, model, optimizer, cfg, split, setting, weights_digest(cfg.clip), env)
-    progress = ckpt.resume(half_step) if resume else ckpt.start()
+    progress = ckpt.start() if resume_state is None else ckpt.resume(resume_state, half_step)
     batches = iter(make_loader(dataset, cfg, env, consumed=progress.consumed, batch_size=batch_size))
 
     # 7. the loop: batch -> logits -> (self-training: pseudo-labels) -> loss -> step
