@@ -31,7 +31,7 @@ from cascade_clip.classes import config_unseen_names, text_embeddings
 from cascade_clip.config import Config, load_config
 from cascade_clip.data import SegmentationDataset, load_classes
 from cascade_clip.data.transforms import eval_transform
-from cascade_clip.metrics import summarize
+from cascade_clip.metrics import confusion_matrix, summarize
 from cascade_clip.model import load_clip
 from cascade_clip.model.encoder import TappedEncoder
 
@@ -64,9 +64,7 @@ def block_confusions(
             for b in range(depth):
                 cos = torch.einsum("nc,kc->kn", feats.taps[b, 0], text).reshape(1, k, h, w)
                 pred = F.interpolate(cos, size=label.shape, mode="bilinear", align_corners=False)[0].argmax(0)
-                valid = label != 255
-                idx = label[valid] * k + pred[valid]
-                confusions[b] += np.bincount(idx.numpy(), minlength=k * k).reshape(k, k)
+                confusions[b] += confusion_matrix(pred, label, k)
                 agreement[b] += float((feats.taps[b, 0] * feats.taps[-1, 0]).sum(-1).mean())
     return confusions, list(agreement / max(count, 1)), list(names)
 

@@ -96,9 +96,11 @@ def train_and_evaluate(work: Path, config: Path, name: str, sets: list[str], see
 
 
 def mean_std(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} +- {statistics.stdev(values):.1f}"
+    """"mean +- sample std" (the report's statistic), or the value alone for one seed."""
+    from cascade_clip.report import _mean_std
+
+    mean, std = _mean_std(values)
+    return f"{mean:.1f}" if len(values) < 2 else f"{mean:.1f} +- {std:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
