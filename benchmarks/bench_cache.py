@@ -43,12 +43,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from cascade_clip.kernels import sigmoid_focal_dice_loss
 from torch.utils.data import DataLoader, default_collate
 
 from cascade_clip import cache
 from cascade_clip.cache import write as cache_write
 from cascade_clip.config import Config, config_from_dict
+from cascade_clip.kernels.seg_loss import sigmoid_focal_dice_loss
 
 FULL = os.environ.get("CASCADE_CLIP_BENCH_FULL", "0") == "1"
 # The encoder and the head run where training runs them: on the GPU when there is one, with

@@ -31,9 +31,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import cascade_clip.kernels as K
 import pytest
 import torch
+
+from cascade_clip.kernels.dispatch import interpreting
+from cascade_clip.kernels.nga import nga, nga_reference
+from cascade_clip.kernels.seg_loss import sigmoid_focal_dice_loss, sigmoid_focal_dice_loss_reference
+from cascade_clip.kernels.similarity import pixel_text_logits, pixel_text_logits_reference
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -103,11 +107,11 @@ def make_inputs(kernel: str, sh: Shapes, dtype: torch.dtype, device: torch.devic
 
 
 _REFERENCES = {
-    "nga": K.nga_reference,
-    "similarity": K.pixel_text_logits_reference,
-    "loss": K.sigmoid_focal_dice_loss_reference,
+    "nga": nga_reference,
+    "similarity": pixel_text_logits_reference,
+    "loss": sigmoid_focal_dice_loss_reference,
 }
-_PUBLIC = {"nga": K.nga, "similarity": K.pixel_text_logits, "loss": K.sigmoid_focal_dice_loss}
+_PUBLIC = {"nga": nga, "similarity": pixel_text_logits, "loss": sigmoid_focal_dice_loss}
 _COMPILED: dict[str, Callable] = {}
 
 
@@ -180,7 +184,7 @@ def skip_reason(impl: str) -> str | None:
     if impl == "triton":
         if not ON_GPU:
             return "Triton cases need a CUDA device (the interpreter is for tests, not timing)"
-        if K.interpreting():
+        if interpreting():
             return "TRITON_INTERPRET=1 (benchmarks/conftest.py default): rerun with TRITON_INTERPRET=0"
     if impl == "compile" and not ON_GPU:
         return "torch.compile cases run on GPU only (CPU compile needs minutes of C++ builds)"
@@ -207,7 +211,7 @@ def oracle(kernel: str, *args):
         pixels, queries, scale = args
         return sum(queries[s] @ pixels[s].transpose(-1, -2) for s in range(pixels.shape[0])) * scale
     if kernel == "loss":
-        return K.sigmoid_focal_dice_loss_reference(*args)
+        return sigmoid_focal_dice_loss_reference(*args)
     raise ValueError(kernel)
 
 

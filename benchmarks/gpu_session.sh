@@ -15,8 +15,8 @@
 #   COMPILE=0 bash benchmarks/gpu_session.sh   # without the torch.compile step
 #
 # Without an install of the project: wheels in .whl/ (open_clip_torch, ftfy, wcwidth) are
-# installed to /tmp/site, and kernels/ is linked in as cascade_clip/kernels (what the
-# package-dir mapping of pyproject.toml does for an install).
+# installed to /tmp/site and the checkout goes on PYTHONPATH (cascade_clip/kernels is the
+# committed link to kernels/; a copy that lost the link gets it back here).
 set -u
 OUT=${OUT:-gpu_results}
 SMOKE=${SMOKE:-0}

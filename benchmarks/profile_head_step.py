@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_cache as bc  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from cascade_clip.kernels import sigmoid_focal_dice_loss  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from cascade_clip import cache  # noqa: E402
+from cascade_clip.kernels.seg_loss import sigmoid_focal_dice_loss  # noqa: E402
 from cascade_clip.model.encoder import TapFeatures  # noqa: E402
 
 

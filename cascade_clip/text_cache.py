@@ -100,7 +100,7 @@ def write_text_embeddings(path: str | Path, cfg: Config, embeddings: torch.Tenso
                 code_version=cascade_clip.__version__,
                 num_classes=len(names),
                 embed_dim=int(embeddings.shape[1]),
-                created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             )
     except OSError as err:
         raise CacheError(f"{tmp}: cannot write text embeddings ({err})") from None

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from cascade_clip.kernels import sigmoid_focal_dice_loss
 from PIL import Image
 from torch.utils.data import DataLoader, default_collate
 
@@ -35,6 +34,7 @@ from cascade_clip.cli import main as cli_main
 from cascade_clip.config import ClipConfig, config_from_dict, set_dotted
 from cascade_clip.data.dataset import SegmentationDataset
 from cascade_clip.data.transforms import TrainTransform
+from cascade_clip.kernels.seg_loss import sigmoid_focal_dice_loss
 from cascade_clip.model import load_clip
 from cascade_clip.text_cache import load_text_embeddings
 

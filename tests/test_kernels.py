@@ -18,13 +18,13 @@ import os
 import subprocess
 import sys
 
-import cascade_clip.kernels as K
 import pytest
 import torch
-from cascade_clip.kernels import dispatch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-# The submodules (the package re-exports functions of the same names, e.g. K.nga).
+from cascade_clip.kernels import dispatch
+
+# The kernel modules (each defines a function of its own name, e.g. nga.nga).
 nga = importlib.import_module("cascade_clip.kernels.nga")
 similarity = importlib.import_module("cascade_clip.kernels.similarity")
 seg_loss = importlib.import_module("cascade_clip.kernels.seg_loss")
@@ -86,9 +86,9 @@ def _spy(monkeypatch, module, name, calls):
 
 def _call_all():
     f = torch.randn(2, 1, 3, 4)
-    K.nga(f, torch.rand(2))
-    K.pixel_text_logits(torch.randn(2, 1, 5, 4), torch.randn(2, 1, 3, 4), 0.5)
-    K.sigmoid_focal_dice_loss(torch.randn(1, 3, 2, 2), torch.randint(0, 3, (1, 4, 4)))
+    nga.nga(f, torch.rand(2))
+    similarity.pixel_text_logits(torch.randn(2, 1, 5, 4), torch.randn(2, 1, 3, 4), 0.5)
+    seg_loss.sigmoid_focal_dice_loss(torch.randn(1, 3, 2, 2), torch.randint(0, 3, (1, 4, 4)))
 
 
 @pytest.mark.parametrize("env", [None, "", "auto", "torch", "TORCH"])
@@ -140,11 +140,12 @@ def test_poisoned_outputs(monkeypatch):
 
 
 def test_public_api():
-    for name in (
-        "nga", "nga_reference", "pixel_text_logits", "pixel_text_logits_reference",
-        "sigmoid_focal_dice_loss", "sigmoid_focal_dice_loss_reference",
+    for module, name in (
+        (nga, "nga"), (nga, "nga_reference"),
+        (similarity, "pixel_text_logits"), (similarity, "pixel_text_logits_reference"),
+        (seg_loss, "sigmoid_focal_dice_loss"), (seg_loss, "sigmoid_focal_dice_loss_reference"),
     ):
-        assert callable(getattr(K, name))
+        assert callable(getattr(module, name))
 
 
 def test_kernels_compile_for_sm90():
@@ -173,8 +174,8 @@ def test_nga_matches_reference(triton, dtype, contiguous):
     feats = strided(torch.randn(L, B, N, C).to(dtype), contiguous).requires_grad_()
     weights = (torch.rand(L) + 0.1).requires_grad_()
     g = strided(torch.randn(B, N, C).to(dtype), contiguous)
-    out, (gf, gw) = grads(lambda: K.nga(feats, weights), [feats, weights], g)
-    ref, (rf, rw) = grads(lambda: K.nga_reference(feats, weights), [feats, weights], g)
+    out, (gf, gw) = grads(lambda: nga.nga(feats, weights), [feats, weights], g)
+    ref, (rf, rw) = grads(lambda: nga.nga_reference(feats, weights), [feats, weights], g)
     assert out.dtype == dtype and gf.dtype == dtype and gw.dtype == torch.float32
     assert rel_err(out, ref) < TOL[dtype]
     assert rel_err(gf, rf) < TOL[dtype]
@@ -184,7 +185,7 @@ def test_nga_matches_reference(triton, dtype, contiguous):
 def test_nga_weights_only_grad_and_single_block(triton):
     feats = torch.randn(1, 3, 10, 19)
     weights = torch.tensor([0.7], requires_grad=True)
-    out, (gw,) = grads(lambda: K.nga(feats, weights), [weights], torch.ones(3, 10, 19))
+    out, (gw,) = grads(lambda: nga.nga(feats, weights), [weights], torch.ones(3, 10, 19))
     assert rel_err(out, 0.7 * feats[0]) < 1e-6
     assert rel_err(gw, feats.sum().reshape(1)) < 1e-5
 
@@ -204,9 +205,9 @@ def test_pixel_text_logits_matches_reference(triton, dtype, contiguous):
     queries = (queries.contiguous() if contiguous else queries).requires_grad_()
     g = strided(torch.randn(B, Kc, N), contiguous)
     inputs = [pixels, queries]
-    out, (gp, gq) = grads(lambda: K.pixel_text_logits(pixels, queries, scale), inputs, g)
+    out, (gp, gq) = grads(lambda: similarity.pixel_text_logits(pixels, queries, scale), inputs, g)
     ref, (rp, rq) = grads(
-        lambda: K.pixel_text_logits_reference(pixels, queries, scale), inputs, g
+        lambda: similarity.pixel_text_logits_reference(pixels, queries, scale), inputs, g
     )
     assert out.dtype == torch.float32 and out.shape == (B, Kc, N)
     assert gp.dtype == dtype and gq.dtype == dtype
@@ -222,8 +223,9 @@ def test_pixel_text_logits_gemm_path_matches_reference(triton, monkeypatch, dtyp
     pixels = torch.randn(S, B, N, D).to(dtype).requires_grad_()
     queries = torch.randn(S, B, Kc, D).to(dtype).requires_grad_()
     g = torch.randn(B, Kc, N)
-    out, (gp, gq) = grads(lambda: K.pixel_text_logits(pixels, queries, 0.3), [pixels, queries], g)
-    ref, (rp, rq) = grads(lambda: K.pixel_text_logits_reference(pixels, queries, 0.3), [pixels, queries], g)
+    inputs = [pixels, queries]
+    out, (gp, gq) = grads(lambda: similarity.pixel_text_logits(pixels, queries, 0.3), inputs, g)
+    ref, (rp, rq) = grads(lambda: similarity.pixel_text_logits_reference(pixels, queries, 0.3), inputs, g)
     assert out.dtype == torch.float32
     for a, b in ((out, ref), (gp, rp), (gq, rq)):
         assert rel_err(a, b) < TOL[dtype]
@@ -260,9 +262,9 @@ def test_pixel_text_logits_single_stage_query_grad_only(triton):
     pixels = torch.randn(1, 1, 17, 33)
     queries = torch.randn(1, 1, 5, 33, requires_grad=True)
     g = torch.randn(1, 5, 17)
-    out, (gq,) = grads(lambda: K.pixel_text_logits(pixels, queries, 2.0), [queries], g)
+    out, (gq,) = grads(lambda: similarity.pixel_text_logits(pixels, queries, 2.0), [queries], g)
     ref, (rq,) = grads(
-        lambda: K.pixel_text_logits_reference(pixels, queries, 2.0), [queries], g
+        lambda: similarity.pixel_text_logits_reference(pixels, queries, 2.0), [queries], g
     )
     assert rel_err(out[0], 2.0 * queries[0, 0].detach() @ pixels[0, 0].T) < 1e-5
     assert rel_err(gq, rq) < 1e-5
@@ -284,9 +286,9 @@ def make_target(b, hh, ww, num_classes, absent=(), ignore_frac=0.2, ignore_index
 
 
 def check_loss(logits, target, dtype, **kwargs):
-    out, (g,) = grads(lambda: K.sigmoid_focal_dice_loss(logits, target, **kwargs), [logits])
+    out, (g,) = grads(lambda: seg_loss.sigmoid_focal_dice_loss(logits, target, **kwargs), [logits])
     ref, (rg,) = grads(
-        lambda: K.sigmoid_focal_dice_loss_reference(logits, target, **kwargs), [logits]
+        lambda: seg_loss.sigmoid_focal_dice_loss_reference(logits, target, **kwargs), [logits]
     )
     assert out.dtype == torch.float32 and out.dim() == 0
     assert g.dtype == logits.dtype and g.shape == logits.shape
@@ -349,7 +351,7 @@ def test_loss_num_masks(triton, dtype, num_masks):
     target = make_target(B, H, W, Kc)
     m = torch.tensor(9.0) if num_masks == "tensor" else num_masks
     out, ref, _ = check_loss(logits, target, dtype, num_masks=m)
-    base = K.sigmoid_focal_dice_loss_reference(logits, target, num_masks=1.0)
+    base = seg_loss.sigmoid_focal_dice_loss_reference(logits, target, num_masks=1.0)
     expected = base / max(1.0, float(m))
     assert rel_err(ref, expected) < 1e-5
 
@@ -372,7 +374,7 @@ def test_loss_never_materialises_full_resolution(triton):
             return out
 
     with Largest():
-        K.sigmoid_focal_dice_loss(logits, target).backward()
+        seg_loss.sigmoid_focal_dice_loss(logits, target).backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
     assert 0 < Largest.numel < B * Kc * H * W // 4
 
@@ -383,9 +385,10 @@ def test_degenerate_sizes(triton):
     check_loss(logits, torch.randint(0, 2, (2, 10, 9)), torch.float32)
     feats = torch.randn(2, 3, 5, 1)
     w = torch.rand(2)
-    assert rel_err(K.nga(feats, w), K.nga_reference(feats, w)) < 1e-6
+    assert rel_err(nga.nga(feats, w), nga.nga_reference(feats, w)) < 1e-6
     p, q = torch.randn(1, 1, 1, 3), torch.randn(1, 1, 1, 3)
-    assert rel_err(K.pixel_text_logits(p, q, 1.0), K.pixel_text_logits_reference(p, q, 1.0)) < 1e-6
+    out = similarity.pixel_text_logits(p, q, 1.0)
+    assert rel_err(out, similarity.pixel_text_logits_reference(p, q, 1.0)) < 1e-6
 
 
 # ----------------------------------------------------------------------------------------
@@ -448,7 +451,7 @@ def test_reference_loss_matches_naive_formula(kwargs):
     B, Kc, h, w, H, W = 2, 5, 5, 6, 13, 22
     logits = 2 * torch.randn(B, Kc, h, w)
     target = make_target(B, H, W, Kc, absent=(1,), ignore_index=kwargs.get("ignore_index", 255))
-    ref = K.sigmoid_focal_dice_loss_reference(logits, target, **kwargs)
+    ref = seg_loss.sigmoid_focal_dice_loss_reference(logits, target, **kwargs)
     assert rel_err(ref, torch.as_tensor(naive_loss(logits, target, **kwargs))) < 1e-5
 
 
@@ -456,6 +459,6 @@ def test_reference_loss_edge_cases_match_naive():
     logits = torch.randn(1, 3, 4, 4)
     for target in (torch.full((1, 9, 7), 255), torch.full((1, 9, 7), 3)):
         for ian in (True, False):
-            ref = K.sigmoid_focal_dice_loss_reference(logits, target, ignore_as_negative=ian)
+            ref = seg_loss.sigmoid_focal_dice_loss_reference(logits, target, ignore_as_negative=ian)
             naive = torch.as_tensor(naive_loss(logits, target, ignore_as_negative=ian))
             assert abs(ref.item() - naive.item()) <= 1e-5 * max(1.0, abs(naive.item()))

@@ -132,7 +132,7 @@ def _create_shard(
             num_rows=m,
             shard_uid=uuid.uuid4().hex,
             complete=False,
-            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         )
         _create(f, "taps", (m, l_, n, c), np.float16, (1, l_, n, c), compression)
         _create(f, "global_token", (m, c), np.float16, (min(max(m, 1), GLOBAL_CHUNK_ROWS), c))

@@ -12,6 +12,7 @@ import importlib.resources
 import json
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -122,9 +123,51 @@ def _without_random_init_warning():
         root.removeFilter(drop)
 
 
+# Checkpoint keys a Hugging Face text tower may leave unused without anything being wrong:
+# all-MiniLM-L6-v2 ships BERT's pooler, which open_clip's mean pooler builds the model without.
+EXPECTED_UNUSED_HF_KEYS = frozenset({"pooler.dense.weight", "pooler.dense.bias"})
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class _DropExpectedLoadReport(logging.Filter):
+    """Drops transformers' weight-loading report when its only rows are unused keys in
+    EXPECTED_UNUSED_HF_KEYS; a report with any other row (a missing or mismatched weight)
+    passes through unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = _ANSI.sub("", record.getMessage())
+        if "LOAD REPORT" not in message:
+            return True
+        rows = [[cell.strip() for cell in line.split("|")] for line in message.splitlines() if "|" in line]
+        rows = [row for row in rows[1:] if row and row[0] and not set(row[0]) <= {"-"}]  # header, rule
+        expected = all(row[0] in EXPECTED_UNUSED_HF_KEYS and row[1] == "UNEXPECTED" for row in rows)
+        return not (rows and expected)
+
+
+@contextlib.contextmanager
+def quiet_hf_text_tower():
+    """Builds a Hugging Face text tower without the lines transformers prints into every job's
+    log for a load that went as expected: the loading report of the pooler keys above and the
+    "Loading weights" progress bar. Any other report row is a real warning and still shows."""
+    from transformers.utils import logging as hf_logging
+
+    drop = _DropExpectedLoadReport()
+    logger = logging.getLogger("transformers.modeling_utils")  # where the report is logged
+    bars = hf_logging.is_progress_bar_enabled()
+    logger.addFilter(drop)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _build_from_config(open_clip, model_cfg: dict[str, Any]) -> torch.nn.Module:
     if "hf_model_name" in model_cfg.get("text_cfg", {}):
-        return open_clip.CustomTextCLIP(**model_cfg)
+        with quiet_hf_text_tower():
+            return open_clip.CustomTextCLIP(**model_cfg)
     return open_clip.CLIP(**model_cfg)
 
 

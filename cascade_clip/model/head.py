@@ -14,7 +14,8 @@ from torch import nn
 
 from cascade_clip.config import ModelConfig
 from cascade_clip.errors import InputError
-from cascade_clip.kernels import nga, pixel_text_logits
+from cascade_clip.kernels.nga import nga
+from cascade_clip.kernels.similarity import pixel_text_logits
 
 
 def nga_init(num_blocks: int, sigma: float) -> torch.Tensor:

@@ -17,7 +17,7 @@ from cascade_clip.config import Config
 from cascade_clip.data import IGNORE_INDEX
 from cascade_clip.distributed import DistEnv, all_reduce_mean, init_distributed, wrap_ddp
 from cascade_clip.errors import CascadeClipError, InputError
-from cascade_clip.kernels import sigmoid_focal_dice_loss
+from cascade_clip.kernels.seg_loss import sigmoid_focal_dice_loss
 from cascade_clip.model import CascadeCLIP, load_clip
 from cascade_clip.train.checkpointing import (
     Checkpointer,
