@@ -220,18 +220,27 @@ def test_vpt_main_run_with_a_frozen_row_caches_in_frozen_mode(tmp_path):
 
 
 def test_cross_dataset_evaluation_takes_the_cli_cross_path(tmp_path):
-    """evaluate_cross evaluates the COCO-Stuff model on VOC and Context through evaluate's
-    cross-dataset options (every class seen, the checkpoint's own classes not required),
-    not by renaming the config's dataset, which the checkpoint check refuses."""
+    """evaluate_cross evaluates the COCO-Stuff model on VOC and Context (its cross_eval) and,
+    with workflow.open_vocab, on the whole suite, through evaluate's cross-dataset options
+    (every class seen, the checkpoint's own classes not required), not by renaming the
+    config's dataset, which the checkpoint check refuses. VOC-21 and Context-459 are
+    converted from VOC's and Context's downloads; ADE20K-150 and -847 have their own."""
+    real = read_yaml(ROOT / "config" / "coco_stuff.yaml")
+    assert real["workflow"]["open_vocab"] is False  # the suite is opt-in (ADE20K-847's registration)
+    assert [c["dataset"] for c in real["cross_eval"]] == ["voc12", "pascal_context_59"]
+    (tmp_path / "open_vocab.yaml").write_text("workflow: {open_vocab: true}\n")
     res = snakemake("-n", "-p", "--cores", "2", "--configfile", str(ROOT / "config" / "coco_stuff.yaml"),
-                    cwd=tmp_path)
+                    str(tmp_path / "open_vocab.yaml"), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    commands = [c for c in shell_commands(res) if "cli evaluate" in c and "eval/cross/" in c]
-    assert len(commands) == 2, commands
-    for dataset in ("voc12", "pascal_context_59"):
-        (command,) = [c for c in commands if f"eval/cross/{dataset}" in c]
+    commands = shell_commands(res)
+    cross = [c for c in commands if "cli evaluate" in c and "eval/cross/" in c]
+    assert len(cross) == 6, cross
+    for dataset in ("voc12", "pascal_context_59", "voc21", "ade20k_150", "pascal_context_459", "ade20k_847"):
+        (command,) = [c for c in cross if f"eval/cross/{dataset}" in c]
         assert f"--dataset-root resources/data/{dataset} --dataset {dataset}" in command
         assert "--set dataset." not in command
+    downloads = sorted(c.split("--dataset ")[1].split()[0] for c in commands if "cascade-clip download" in c)
+    assert downloads == ["ade20k_150", "ade20k_847", "coco_stuff_164k", "pascal_context_59", "voc12"]
 
 
 # --- the rehearsals -----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 # Collect metrics, curves, examples and stage run times for `snakemake --report`.
 
-CROSS = [c["dataset"] for c in config["cross_eval"]]
+CROSS = list(CROSS_TARGETS)
 REPORT = RESULTS / "report"
 
 
@@ -16,6 +16,12 @@ rule report:
             caption="../report/summary.rst",
             category="1. Results",
             labels={"table": "mIoU seen / unseen / hIoU"},
+        ),
+        open_vocab=report(
+            REPORT / "open_vocab.html",
+            caption="../report/open_vocab.rst",
+            category="1. Results",
+            labels={"table": "other datasets, both rules for absent classes"},
         ),
         per_class=report(
             REPORT / "per_class.html",
