@@ -168,6 +168,29 @@ def test_mask_without_image_and_overlapping_lists_are_named(tmp_path, capsys):
     assert f"{paths['val']}: 'part_00' is in split 'train' too" in error_line(capsys)
 
 
+def test_unseen_class_missing_from_the_evaluation_split_stops_split(tmp_path, capsys):
+    """An unseen class the val split never shows would end a whole run with mIoU(U) n/a:
+    `split` refuses it, naming the key, the class and the split."""
+    import yaml
+
+    paths = make_folder(tmp_path / "mine")
+    for k in (4, 5):  # the val images: no spring (class 4)
+        label = label_grid(k)
+        label[label == 4] = 0
+        (paths["masks"] / f"part_{k:02d}.png").write_bytes(png_bytes(label))
+    out = tmp_path / "data"
+    assert main(prepare_folder(paths, out)) == 0
+    config = tmp_path / "c.yaml"
+    for unseen, rc in ((["gear", "spring"], 2), (["gear"], 0)):
+        config.write_text(yaml.safe_dump({"experiment": "parts", "dataset": {
+            "name": "parts", "root": str(out), "unseen": unseen}}))
+        capsys.readouterr()
+        assert main(["split", "--config", str(config), "--out", str(tmp_path / "split.json")]) == rc
+        if rc:
+            assert "dataset.unseen: ['spring'] never occur in split 'val'" in error_line(capsys)
+    assert json.loads((tmp_path / "split.json").read_text())["unseen"] == ["gear"]
+
+
 # --- COCO format ----------------------------------------------------------------------------
 
 
@@ -259,3 +282,76 @@ def test_panoptic_image_without_a_mask_is_named(tmp_path, capsys):
                  str(tmp_path / "masks"), "--annotations", f"val={tmp_path / 'panoptic_val.json'}",
                  "--out", str(tmp_path / "out")]) == 2
     assert "000002.png: panoptic mask not found" in error_line(capsys)
+
+
+# --- through the workflow -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_folder_dataset_trains_and_evaluates_through_snakemake(tmp_path):
+    """The tiny workflow (test_workflow's config, shrunk further: a random tiny CLIP, prompts
+    instead of the feature cache, no self-training) on a folder dataset the config names by
+    `dataset.source`: prepare converts it, and the run holds out the config's own unseen
+    class and evaluates on it with the config's own templates."""
+    import subprocess
+    import sys
+
+    import yaml
+    from test_workflow import ROOT, _tiny_config
+
+    from cascade_clip.testing import tiny_clip_config
+
+    paths = make_folder(tmp_path / "my data")
+    cfg = _tiny_config(tmp_path / "results", tmp_path / "resources")
+    cfg["experiment"] = "parts"
+    cfg["dataset"] = {"name": "parts", "root": str(tmp_path / "resources" / "data" / "parts"),
+                      "unseen": ["gear"], "source": {
+                          "format": "folder", "images": str(paths["images"]), "masks": str(paths["masks"]),
+                          "classes": str(paths["classes"]),
+                          "splits": {"train": str(paths["train"]), "val": str(paths["val"])}}}
+    cfg["clip"] = {"model": "tiny", "pretrained": "random", "model_config": tiny_clip_config(),
+                   "image_size": 32, "templates": ["a photo of a {}.", "a close-up photo of a {}."]}
+    cfg["model"].update(stages=[[2, 3], [4]], encoder_mode="vpt", vpt_tokens=2)
+    cfg["train"]["augment"].update(scale=[64, 32], crop_size=32)
+    cfg["evaluate"].update(crop_size=32, stride=24, short_side=32, split="val")
+    for key in ("shapes", "pretrain"):
+        cfg.pop(key, None)
+    (tmp_path / "work" / "config").mkdir(parents=True)
+    (tmp_path / "work" / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    results = tmp_path / "results" / "parts"
+    target = str(results / "eval" / "cascade" / "metrics.json")
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path / "work"),
+           "--cores", "2", target]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    logs = "\n".join(p.read_text()[-1500:] for p in sorted(results.rglob("*.log")))
+    assert res.returncode == 0, res.stderr[-4000:] + logs
+    meta = json.loads((tmp_path / "resources" / "data" / "parts" / "dataset.json").read_text())
+    assert meta["name"] == "parts" and meta["classes"] == CLASSES
+    split = json.loads((results / "split.json").read_text())
+    assert split["unseen"] == ["gear"] and split["seen"] == ["bolt", "nut", "washer", "spring"]
+    metrics = json.loads(Path(target).read_text())
+    assert metrics["dataset"] == "parts" and metrics["num_images"] == 2 and metrics["split"] == "val"
+    assert list(metrics["per_class_iou"]) == CLASSES
+    assert metrics["miou_unseen"] is not None and metrics["hiou"] is not None  # gear is in val
+    import h5py
+
+    with h5py.File(results / "text" / "parts.h5") as f:
+        assert f.attrs["template_set"] == "custom"
+        assert json.loads(f.attrs["templates"]) == cfg["clip"]["templates"]
+
+
+def test_readme_config_for_your_own_data_is_valid(tmp_path):
+    """The config the README's "Your own data" section shows passes the one validator, and its
+    unseen names are classes of the folder it describes."""
+    import yaml
+    from test_workflow import ROOT
+
+    from cascade_clip.config import config_from_dict
+    from cascade_clip.data.registry import check_unseen_names
+
+    section = (ROOT / "README.md").read_text().split("## Your own data", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```yaml", 1)[1].split("```", 1)[0]
+    cfg = config_from_dict(yaml.safe_load(block), "README")
+    assert cfg.dataset.source["format"] == "folder" and isinstance(cfg.clip.templates, list)
+    names = ["bolt", "nut", "washer", "gear", "spring"]
+    assert check_unseen_names(cfg.dataset.name, cfg.dataset.unseen, names) == ["gear", "spring"]
