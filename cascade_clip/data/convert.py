@@ -388,9 +388,9 @@ def decode_rle(rle: dict, height: int | None = None, width: int | None = None) -
     """COCO-style RLE ({"size": [h, w], "counts": str or list}) -> (h, w) bool mask, through
     pycocotools (column-major runs, background first).
 
-    A compressed string whose runs do not cover the h x w pixels exactly is refused:
-    pycocotools leaves the pixels after a short one undefined, so the decoded mask must
-    encode back to the same string (the canonical encoding pycocotools and the Detail API
+    Runs that do not cover the h x w pixels exactly are refused: a list is summed; a
+    compressed string, after which pycocotools leaves the pixels of a short one undefined,
+    must encode back to itself (the canonical encoding pycocotools and the Detail API
     write). Raises InputError for a malformed mask.
     """
     from pycocotools import mask as coco_mask
@@ -414,6 +414,8 @@ def decode_rle(rle: dict, height: int | None = None, width: int | None = None) -
             mask = coco_mask.decode(encoded)
     except ValueError as err:  # runs beyond the mask
         raise InputError(f"malformed RLE for a {h}x{w} mask ({err})") from None
+    if isinstance(counts, list):
+        return mask.astype(bool)
     if coco_mask.encode(np.asfortranarray(mask))["counts"] != encoded["counts"]:
         raise InputError(f"RLE runs do not cover the {h}x{w} mask exactly")
     return mask.astype(bool)
