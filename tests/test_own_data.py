@@ -313,7 +313,7 @@ def test_folder_dataset_trains_and_evaluates_through_snakemake(tmp_path):
                    "image_size": 32, "templates": ["a photo of a {}.", "a close-up photo of a {}."]}
     cfg["model"].update(stages=[[2, 3], [4]], encoder_mode="vpt", vpt_tokens=2)
     cfg["train"]["augment"].update(scale=[64, 32], crop_size=32)
-    cfg["evaluate"].update(crop_size=32, stride=24, short_side=32, split="val")
+    cfg["evaluate"].update(crop_size=32, stride=24, short_side=32, split="val", num_visualize=0)
     for key in ("shapes", "pretrain"):
         cfg.pop(key, None)
     (tmp_path / "work" / "config").mkdir(parents=True)

@@ -48,13 +48,21 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_unseen_are_evaluated(cfg, unseen: list[str], where: str) -> None:
     """Your own data: every unseen class must occur in the evaluation split, else its IoU is
-    undefined and mIoU(U) comes out n/a (NaN) at the end of a whole run."""
-    from cascade_clip.data import SegmentationDataset
+    undefined and mIoU(U) comes out n/a (NaN) at the end of a whole run. Reads the split's
+    class index (splits/<split>.classes.json, which prepare writes); without one, no check."""
+    from cascade_clip.data import load_classes
 
     split = cfg.evaluate.split or cfg.dataset.val_split
-    ds = SegmentationDataset(cfg.dataset.root, split, mode="eval")
-    present = set().union(*ds.class_presence().values())
-    missing = [n for n in unseen if ds.classes.index(n) not in present]
+    index = Path(cfg.dataset.root) / "splits" / f"{split}.classes.json"
+    if not index.is_file():
+        return
+    try:
+        presence = json.loads(index.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{index}: not valid JSON ({err})") from None
+    present = {int(c) for ids in presence.values() for c in ids}
+    classes = load_classes(cfg.dataset.root)
+    missing = [n for n in unseen if classes.index(n) not in present]
     if missing:
         raise InputError(
             f"{where}: dataset.unseen: {missing} never occur in split {split!r} of {cfg.dataset.root}: "
