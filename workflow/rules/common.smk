@@ -6,8 +6,6 @@ from pathlib import Path
 
 import yaml
 
-from cascade_clip.data.registry import cross_eval_targets
-
 EXP = config["experiment"]
 RESULTS = Path(config["results_dir"]) / EXP
 LOGS = RESULTS / "logs"
@@ -107,6 +105,8 @@ CLIP_WEIGHTS = [config["clip"]["pretrained"]] if IS_SHAPES else []
 
 # Data roots of every dataset the workflow needs: the main one and cross-evaluation targets
 # (`cross_eval`, and the open-vocabulary suite with workflow.open_vocab).
+from cascade_clip.data.registry import cross_eval_targets  # noqa: E402
+
 CROSS_TARGETS = cross_eval_targets(config)
 DATA_ROOTS = {DATASET: DATA_ROOT}
 DATA_ROOTS.update(CROSS_TARGETS)
