@@ -2,8 +2,7 @@
 
 Reads `<results>/eval/<run>/metrics.json`, `<results>/eval/cross/<dataset>/metrics.json`,
 `<results>/runs/<run>/log.jsonl` and Snakemake's `<results>/benchmarks/**/*.tsv`; writes
-summary.{html,csv}, per_class.html, curves.png, runtimes.html and examples/; with cross-dataset
-targets also open_vocab.html (each target under both rules for absent classes).
+summary.{html,csv}, per_class.html, curves.png, runtimes.html and examples/.
 """
 
 from __future__ import annotations
@@ -201,7 +200,8 @@ def _gt_only_miou(m: dict) -> float:
 
 
 def open_vocab_table(results: Path, cross: Sequence[str], out: Path) -> None:
-    """open_vocab.html: each cross-dataset target's mIoU under both rules for classes absent
+    """open_vocab.html (a page of the report beside those the module doc lists): each
+    cross-dataset target's mIoU under both rules for classes absent
     from the ground truth (cascade_clip.metrics), which the peers' 459- and 847-class numbers
     differ by."""
     rows = []
