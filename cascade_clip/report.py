@@ -200,10 +200,9 @@ def _gt_only_miou(m: dict) -> float:
 
 
 def open_vocab_table(results: Path, cross: Sequence[str], out: Path) -> None:
-    """open_vocab.html (a page of the report beside those the module doc lists): each
-    cross-dataset target's mIoU under both rules for classes absent
-    from the ground truth (cascade_clip.metrics), which the peers' 459- and 847-class numbers
-    differ by."""
+    """open_vocab.html (a page beside those the module doc lists): each cross-dataset target's
+    mIoU under both rules for classes absent from the ground truth (cascade_clip.metrics),
+    by which the peers' 459- and 847-class numbers differ."""
     rows = []
     for dataset in cross:
         m = read_metrics(results / "eval" / "cross" / dataset / "metrics.json")
