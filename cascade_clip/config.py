@@ -47,8 +47,9 @@ class ClipConfig:
     # Prompt template set by name (cascade_clip.model.text.TEMPLATE_SETS); "dataset" takes
     # the dataset's own set from the registry, as the release does: the 15 scene templates
     # for COCO-Stuff and Context, the single "a photo of a {}" for VOC, also as a
-    # cross-dataset target.
-    templates: str = "dataset"
+    # cross-dataset target. A list of templates ("a satellite photo of a {}.") is a set of
+    # the config's own (your own dataset's prompts).
+    templates: str | list[str] = "dataset"
     # Class names go into the templates "raw" (as the release: "wall-concrete") or
     # "readable" ("wall concrete", "-other" dropped; this project's earlier choice).
     prompt_names: Literal["raw", "readable"] = "raw"
@@ -98,6 +99,9 @@ class DatasetConfig:
     # Unseen class names; None: the registry's split (the paper's); a string names another
     # split of the registry, e.g. "official-release" for Context (see data.registry).
     unseen: list[str] | str | None = None
+    # Your own data ({format: folder | coco, images, masks, classes, splits, annotations,
+    # val_fraction}), converted by `cascade-clip prepare` to `root`; None: a registry dataset.
+    source: dict[str, Any] | None = None
     train_split: str = "train"
     val_split: str = "val"
     drop_unseen_images: bool = False

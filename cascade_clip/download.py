@@ -17,6 +17,7 @@ import logging
 import os
 import posixpath
 import re
+import shutil
 import tarfile
 import time
 import urllib.error
@@ -391,12 +392,57 @@ def load_sources(path: str | Path | None = None) -> dict[str, list[dict]]:
         if not isinstance(files_, list) or not files_:
             raise InputError(f"{where}: {dataset}: expected a non-empty 'files' list")
         for entry in files_:
-            if not isinstance(entry, dict) or not entry.get("name") or not entry.get("url"):
-                raise InputError(f"{where}: {dataset}: every file needs a name and a url")
+            if not isinstance(entry, dict) or not entry.get("name") or not (
+                    entry.get("url") or entry.get("registration")):
+                raise InputError(f"{where}: {dataset}: every file needs a name and a url "
+                                 "(or the registration page of a file you download yourself)")
             if "/" in entry["name"] or entry["name"] in (".", ".."):
                 raise InputError(f"{where}: {dataset}: file name {entry['name']!r} must be a plain name")
         out[dataset] = files_
     return out
+
+
+def place_local(entry: dict, dest: Path, local: str | Path | None, dataset: str) -> Path:
+    """A file the user downloaded (one that needs a registration, or any they have): linked
+    (else copied) from `local` to `dest` once, then verified like a download (its published
+    digest, else the sha256 recorded at first use). Neither there: one line saying where to
+    get it and how to point the config at it."""
+    name = entry["name"]
+    if local is not None:
+        local = Path(local).expanduser()
+        if not local.is_file():
+            raise MissingInputError(f"{local}: not found (sources.local.{name} of {dataset})")
+        if not dest.is_file():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(local, dest)
+            except OSError:
+                shutil.copyfile(local, dest)
+    if not dest.is_file():
+        page = entry.get("registration")
+        how = f"request it at {page}, then " if page else ""
+        raise MissingInputError(
+            f"{dest}: {dataset} needs {name}, which is not downloaded for you: {how}point the "
+            f"config at your copy (sources: {{local: {{{name}: /path/to/{name}}}}}) or put it there"
+        )
+    expected = _expected(entry.get("md5"), entry.get("sha1"), entry.get("sha256"))
+    recorded = None if expected else recorded_digest(dest)
+    if recorded:
+        expected = {"sha256": recorded}
+    if not expected:
+        digest = file_digests(dest, ("sha256",))["sha256"]
+        _record(dest, digest)
+        log.warning("%s: no published digest; recorded its sha256 %s in %s (checked on every later "
+                    "run)", dest, digest, sidecar_path(dest))
+        return dest
+    bad = _mismatches(dest, expected)
+    if bad:
+        algo, want, got = bad[0]
+        dest.unlink()
+        origin = f" recorded at first use in {sidecar_path(dest)}" if recorded else ""
+        raise ChecksumError(f"{local or dest}: {algo} checksum mismatch: expected {want}{origin}, got {got} "
+                            f"({name} of {dataset}; not used)")
+    return dest
 
 
 def fetch_dataset(
@@ -406,12 +452,15 @@ def fetch_dataset(
     sources: dict | None = None,
     base_url: str | None = None,
     unpack: bool = True,
+    local: dict[str, str] | None = None,
     **download_kwargs,
 ) -> Path:
     """Download (and extract) every file of `dataset` into `<root>/<dataset>/`; return it.
 
     `sources` is `load_sources()`'s result or the YAML layout; None = the packaged file.
     `base_url` replaces each file's URL by `<base_url>/<name>` (a mirror or a test server).
+    `local` maps file names to copies the user has (see `place_local`); a file the sources
+    give a `registration` page instead of a URL must be one of them (or already in place).
     """
     sources = load_sources() if sources is None else sources
     if isinstance(sources.get(dataset), dict):  # the YAML layout {dataset: {files: [...]}}
@@ -419,7 +468,13 @@ def fetch_dataset(
     if dataset not in sources:
         raise InputError(f"no download sources for {dataset!r}; known: {sorted(sources)}")
     folder = Path(root) / dataset
+    local = local or {}
     for entry in sources[dataset]:
+        if entry["name"] in local or not entry.get("url"):
+            path = place_local(entry, folder / entry["name"], local.get(entry["name"]), dataset)
+            if unpack and entry.get("extract_to") is not None:
+                extract(path, folder / entry["extract_to"])
+            continue
         url = f"{base_url.rstrip('/')}/{entry['name']}" if base_url else entry["url"]
         path = download(url, folder / entry["name"], md5=entry.get("md5"),
                         sha256=entry.get("sha256"), sha1=entry.get("sha1"), **download_kwargs)

@@ -13,9 +13,11 @@
 
 Files in DIR:
 
-  DIR/metrics.json   summarize() (miou, miou_seen, miou_unseen, hiou, per_class_iou; NaN
-                     written as null) + setting, split, dataset, checkpoint, baseline,
-                     num_images, images_per_s, world_size
+  DIR/metrics.json   summarize() (miou, miou_seen, miou_unseen, hiou, per_class_iou under
+                     absent_class_rule, and the means under each rule in
+                     by_absent_class_rule: cascade_clip.metrics; NaN written as null)
+                     + setting, split, dataset, checkpoint, baseline, num_images,
+                     images_per_s, world_size
   DIR/per_class.csv  class, split (seen/unseen), iou, gt_pixels, pred_pixels
   DIR/examples/<id>.png  image | ground truth | prediction with a legend (unseen marked *)
 """
@@ -308,7 +310,7 @@ def evaluate(
         )  # (1, K, h, w)
         scores = calibrate(scores, seen_ids, calibration)
         pred = predict_labels(scores, tuple(label.shape))[0].cpu()  # (H, W)
-        confusion += confusion_matrix(pred, label, len(names))
+        confusion += confusion_matrix(pred, label, len(names), dataset.ignore_index)
         if env.is_main and len(examples) < cfg.evaluate.num_visualize:
             examples.append((int(item["index"]), item["id"], label.numpy(), pred.numpy()))
     seconds = time.time() - t0

@@ -2,6 +2,14 @@
 
 A public contract: `confusion_matrix` and `summarize` are used by evaluation, the report
 and the tests alike.
+
+Which classes a mean counts (the rule for classes absent from the ground truth, on which
+the 459- and 847-class results of the peers differ; `ABSENT_CLASS_RULES`):
+
+- "gt_or_pred": every class the ground truth holds or the model predicts; a class that is
+  only predicted counts with IoU 0. MMSegmentation's and detectron2's evaluators. The
+  primary rule: per_class_iou, miou, miou_seen, miou_unseen and hiou follow it.
+- "gt_only": the classes the ground truth holds; a class that is only predicted is skipped.
 """
 
 from __future__ import annotations
@@ -42,13 +50,21 @@ def confusion_matrix(pred: Any, target: Any, num_classes: int, ignore_index: int
     )
 
 
-def per_class_iou(confusion: np.ndarray) -> np.ndarray:
-    """IoU per class in [0, 1]; NaN where a class is in neither target nor prediction."""
+ABSENT_CLASS_RULES = ("gt_or_pred", "gt_only")
+PRIMARY_RULE = "gt_or_pred"
+
+
+def per_class_iou(confusion: np.ndarray, rule: str = PRIMARY_RULE) -> np.ndarray:
+    """IoU per class in [0, 1]; NaN where a class does not count under `rule` (gt_or_pred:
+    in neither target nor prediction; gt_only: not in the target)."""
+    if rule not in ABSENT_CLASS_RULES:
+        raise InputError(f"unknown rule for absent classes {rule!r}; expected one of {ABSENT_CLASS_RULES}")
     confusion = np.asarray(confusion, dtype=np.float64)
     tp = np.diag(confusion)
     union = confusion.sum(0) + confusion.sum(1) - tp
+    counted = union > 0 if rule == "gt_or_pred" else confusion.sum(1) > 0
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union > 0, tp / union, np.nan)
+        return np.where(counted, tp / union, np.nan)
 
 
 def _nanmean(values: np.ndarray) -> float:
@@ -68,7 +84,10 @@ def summarize(
     """mIoU over seen and unseen classes and their harmonic mean, all in percent.
 
     Returns {"per_class_iou": {name: percent or NaN}, "miou": all classes, "miou_seen",
-    "miou_unseen", "hiou"}. Means skip NaN classes. Unknown unseen names raise ValueError.
+    "miou_unseen", "hiou"} under the primary rule for absent classes (module doc), its name
+    as "absent_class_rule", and the four means under every rule as "by_absent_class_rule"
+    ({rule: {"miou", "miou_seen", "miou_unseen", "hiou"}}). Means skip NaN classes. Unknown
+    unseen names raise ValueError.
     """
     class_names = list(class_names)
     confusion = np.asarray(confusion)
@@ -77,14 +96,17 @@ def summarize(
     unknown = sorted(set(unseen_names) - set(class_names))
     if unknown:
         raise InputError(f"unseen class name(s) {unknown} are not among the classes")
-    iou = per_class_iou(confusion) * 100.0
     unseen = np.array([n in set(unseen_names) for n in class_names])
-    miou_seen = _nanmean(iou[~unseen])
-    miou_unseen = _nanmean(iou[unseen])
+    means = {}
+    for rule in ABSENT_CLASS_RULES:
+        iou = per_class_iou(confusion, rule) * 100.0
+        seen_mean, unseen_mean = _nanmean(iou[~unseen]), _nanmean(iou[unseen])
+        means[rule] = {"miou": _nanmean(iou), "miou_seen": seen_mean, "miou_unseen": unseen_mean,
+                       "hiou": harmonic_iou(seen_mean, unseen_mean)}
+    iou = per_class_iou(confusion, PRIMARY_RULE) * 100.0
     return {
         "per_class_iou": {n: float(v) for n, v in zip(class_names, iou)},
-        "miou": _nanmean(iou),
-        "miou_seen": miou_seen,
-        "miou_unseen": miou_unseen,
-        "hiou": harmonic_iou(miou_seen, miou_unseen),
+        **means[PRIMARY_RULE],
+        "absent_class_rule": PRIMARY_RULE,
+        "by_absent_class_rule": means,
     }

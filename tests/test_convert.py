@@ -11,17 +11,26 @@ from PIL import Image
 from rehearsal.mirrors import jpeg_bytes, png_bytes, sbd_mat_bytes
 
 from cascade_clip.data.convert import (
+    convert_ade20k_150,
+    convert_ade20k_847,
     convert_coco_stuff,
     convert_coco_stuff_label,
     convert_pascal_context_59,
+    convert_pascal_context_459,
     convert_voc12_aug,
+    convert_voc21,
     decode_rle,
 )
 from cascade_clip.data.registry import (
+    ADE20K_150,
+    ADE20K_847,
+    ADE20K_847_IDS,
     COCO_STUFF_171,
     COCO_STUFF_182,
     COCO_STUFF_UNUSED_IDS,
     CONTEXT_59,
+    CONTEXT_459,
+    VOC_21,
     VOC_CLASSES,
 )
 
@@ -293,3 +302,95 @@ def test_context_bad_rle_names_json_and_image(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"trainval_merged\.json: annotation 1 of image 2008000002"):
         convert_pascal_context_59(tmp_path / "ctx", tmp_path / "out")
+
+
+# --- the open-vocabulary suite's targets --------------------------------------------------------
+
+
+def _label16(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        assert im.mode == "I;16"
+        return np.array(im)
+
+
+def test_convert_voc21_keeps_background_as_class_0(tmp_path):
+    write_voc_fixture(tmp_path / "voc12")
+    out = tmp_path / "out"
+    assert convert_voc21(tmp_path / "voc12", out) == {"train": 3, "val": 1}
+    _check_layout(out, "voc21", VOC_21, {
+        "train": ["2007_000001", "2008_000003", "2008_000004"], "val": ["2007_000002"]})
+    a = _label(out / "labels" / "train" / "2007_000001.png")
+    assert a[0].tolist() == [0, 0, 15, 15, 255, 1]  # background, person, boundary, aeroplane
+    assert VOC_21[15] == "person" and VOC_21[0] == "background"
+
+
+def test_convert_pascal_context_459_from_the_same_detail_json(tmp_path):
+    """Category c -> train id c - 1 (the 59's ids and three others alike), unlabeled 65535,
+    in 16-bit labels; the val phase only."""
+    write_context_fixture(tmp_path / "ctx")
+    out = tmp_path / "out"
+    assert convert_pascal_context_459(tmp_path / "ctx", out) == {"val": 1}
+    assert json.loads((out / "dataset.json").read_text())["classes"] == list(CONTEXT_459)
+    assert not (out / "splits" / "train.txt").exists()
+    val = _label16(out / "labels" / "val" / "2008_000003.png")
+    want = np.full((5, 7), 65535, np.uint16)
+    want[0:2] = CONTEXT_459.index("wood")
+    want[2:5, 0:3] = CONTEXT_459.index("bag")
+    assert np.array_equal(val, want) and (CONTEXT_459.index("wood"), CONTEXT_459.index("bag")) == (457, 8)
+    presence = json.loads((out / "splits" / "val.classes.json").read_text())
+    assert presence == {"2008_000003": [8, 457]}
+
+
+def _ade150_fixture(root: Path, value: int = 150) -> None:
+    base = root / "ADEChallengeData2016"
+    for folder, stem in (("training", "ADE_train_00000001"), ("validation", "ADE_val_00000001")):
+        _jpg(base / "images" / folder / f"{stem}.jpg", 2, 3)
+        _png(base / "annotations" / folder / f"{stem}.png", np.array([[0, 1, 2], [149, value, 0]], np.uint8))
+
+
+def test_convert_ade20k_150_reduces_zero_label(tmp_path):
+    _ade150_fixture(tmp_path / "ade")
+    out = tmp_path / "out"
+    assert convert_ade20k_150(tmp_path / "ade", out) == {"train": 1, "val": 1}
+    _check_layout(out, "ade20k_150", ADE20K_150,
+                  {"train": ["ADE_train_00000001"], "val": ["ADE_val_00000001"]})
+    lab = _label(out / "labels" / "val" / "ADE_val_00000001.png")
+    assert lab.tolist() == [[255, 0, 1], [148, 149, 255]]
+    _ade150_fixture(tmp_path / "bad", value=151)
+    with pytest.raises(ValueError, match=r"ADE_train_00000001\.png: values \[151\]"):
+        convert_ade20k_150(tmp_path / "bad", tmp_path / "out2")
+
+
+def _ade_seg(index: np.ndarray) -> np.ndarray:
+    rgb = np.zeros((*index.shape, 3), np.uint8)
+    rgb[..., 0] = index // 256 * 10 + 7  # R / 10 drops the 7
+    rgb[..., 1] = index % 256
+    rgb[..., 2] = 3
+    return rgb
+
+
+def test_convert_ade20k_847_maps_object_indices_and_shrinks_large_images(tmp_path):
+    """R / 10 * 256 + G through MaskFormer's 847-class map (others 65535); an image whose
+    short side is above 512 shrinks to 512 (its label nearest), a small one is linked."""
+    val = tmp_path / "ade" / "ADE20K_2021_17_01" / "images" / "ADE" / "validation"
+    wall, person = ADE20K_847_IDS[0][0], dict((n, i) for i, n in ADE20K_847_IDS)[ADE20K_847[11]]
+    small = np.array([[wall, person, 0], [3157, wall, wall]])
+    _jpg(val / "cultural" / "ADE_val_00000002.jpg", 2, 3)
+    Image.fromarray(_ade_seg(small)).save(val / "cultural" / "ADE_val_00000002_seg.png")
+    big = np.full((600, 700), wall)
+    big[:300] = person
+    _jpg(val / "urban" / "street" / "ADE_val_00000001.jpg", 600, 700)
+    Image.fromarray(_ade_seg(big)).save(val / "urban" / "street" / "ADE_val_00000001_seg.png")
+    train = tmp_path / "ade" / "ADE20K_2021_17_01" / "images" / "ADE" / "training"
+    _jpg(train / "x" / "ADE_train_00000001.jpg", 2, 3)
+    out = tmp_path / "out"
+    assert convert_ade20k_847(tmp_path / "ade", out) == {"val": 2}
+    assert (out / "splits" / "val.txt").read_text().split() == ["ADE_val_00000001", "ADE_val_00000002"]
+    small_label = _label16(out / "labels" / "val" / "ADE_val_00000002.png")
+    assert small_label.tolist() == [[0, 11, 65535], [65535, 0, 0]]
+    lab = _label16(out / "labels" / "val" / "ADE_val_00000001.png")
+    assert lab.shape == (512, 597)  # round(700 / 600 * 512)
+    assert (lab[:250] == 11).all() and (lab[260:] == 0).all()
+    with Image.open(out / "images" / "val" / "ADE_val_00000001.jpg") as im:
+        assert im.size == (597, 512)
+    assert (out / "images" / "val" / "ADE_val_00000002.jpg").stat().st_nlink == 2  # linked

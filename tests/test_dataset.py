@@ -51,7 +51,8 @@ def tiny(tmp_path) -> Path:
 
 
 def test_registry_specs():
-    assert set(DATASETS) == {"coco_stuff_164k", "voc12", "pascal_context_59", "shapes"}
+    assert set(DATASETS) == {"coco_stuff_164k", "voc12", "pascal_context_59", "shapes", "voc21",
+                             "ade20k_150", "pascal_context_459", "ade20k_847"}
     coco, voc, ctx = DATASETS["coco_stuff_164k"], DATASETS["voc12"], DATASETS["pascal_context_59"]
     assert (len(coco.classes), len(voc.classes), len(ctx.classes)) == (171, 20, 59)
     assert voc.classes[0] == "aeroplane" and "background" not in voc.classes
@@ -64,6 +65,40 @@ def test_registry_specs():
         seen, unseen = resolve_split(spec)
         assert len(unseen) == n_unseen and len(seen) + len(unseen) == len(spec.classes)
         assert [spec.classes[i] for i in unseen] == sorted(spec.unseen, key=spec.classes.index)
+
+
+def test_open_vocab_suite_specs():
+    """The suite's class lists, as the peers' converters count and order them."""
+    from cascade_clip.data.registry import (
+        ADE20K_847_IDS,
+        CONTEXT_59_DETAIL_IDS,
+        OPEN_VOCAB_SUITE,
+        cross_eval_targets,
+        download_folder,
+    )
+
+    sizes = {name: len(DATASETS[name].classes) for name in OPEN_VOCAB_SUITE}
+    assert sizes == {"ade20k_150": 150, "ade20k_847": 847, "pascal_context_459": 459, "pascal_context_59": 59,
+                     "voc12": 20, "voc21": 21}
+    for name in OPEN_VOCAB_SUITE:
+        assert len(set(DATASETS[name].classes)) == len(DATASETS[name].classes), name
+    ctx459 = DATASETS["pascal_context_459"].classes
+    assert all(ctx459[cid - 1] == name for name, cid in CONTEXT_59_DETAIL_IDS)  # one Detail id scheme
+    assert ctx459[:3] == ("accordion", "aeroplane", "air conditioner") and ctx459[-1] == "wool"
+    assert DATASETS["voc21"].classes == ("background", *DATASETS["voc12"].classes)
+    ade150 = DATASETS["ade20k_150"].classes
+    assert ade150[:8] == ("wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed")
+    assert ade150[-1] == "flag"
+    assert ADE20K_847_IDS[0] == (2978, "wall") and ADE20K_847_IDS[-1][1].startswith("adding machine")
+    assert len({i for i, _ in ADE20K_847_IDS}) == 847
+    assert (download_folder("voc21"), download_folder("pascal_context_459")) == ("voc12", "pascal_context_59")
+    raw = {"dataset": {"name": "coco_stuff_164k", "root": "data/coco"},
+           "cross_eval": [{"dataset": "voc12", "root": "elsewhere/voc12"}], "workflow": {"open_vocab": True}}
+    targets = cross_eval_targets(raw)
+    assert targets["voc12"] == "elsewhere/voc12" and targets["ade20k_847"] == "data/ade20k_847"
+    assert set(targets) == set(OPEN_VOCAB_SUITE)
+    raw["workflow"]["open_vocab"] = False
+    assert cross_eval_targets(raw) == {"voc12": "elsewhere/voc12"}
 
 
 def test_resolve_split_unknown_name_is_an_error():

@@ -200,9 +200,11 @@ def test_extract_zip_and_empty_and_not_an_archive(tmp_path):
 # Files whose publishers give no digest: the download records their sha256 at first use
 # (a `<name>.sha256` sidecar) and checks it on every later run. Adding a file here needs a
 # reason in sources.yaml; every other file must carry a published digest.
-UNPUBLISHED = {"stuffthingmaps_trainval2017.zip"}
+UNPUBLISHED = {"stuffthingmaps_trainval2017.zip", "ADE20K_2021_17_01.zip"}
 # Hosts that serve the file over plain http only (sources.yaml says so in a comment).
-HTTP_ONLY = {"stuffthingmaps_trainval2017.zip"}
+HTTP_ONLY = {"stuffthingmaps_trainval2017.zip", "ADEChallengeData2016.zip"}
+# Files behind a registration: no URL, a page to request them at (https).
+REGISTERED = {"ADE20K_2021_17_01.zip"}
 
 
 def digest_problems(sources: dict[str, list[dict]]) -> list[str]:
@@ -220,6 +222,13 @@ def digest_problems(sources: dict[str, list[dict]]) -> list[str]:
                 found.append(f"{where}: no digest, and not listed as unpublished")
             if given and e["name"] in UNPUBLISHED:
                 found.append(f"{where}: has a digest now; remove it from UNPUBLISHED")
+            if e.get("registration"):
+                if e.get("url") or e["name"] not in REGISTERED:
+                    found.append(f"{where}: a registration page and a URL, or not listed in REGISTERED")
+                url = e["registration"]
+                if not url.startswith("https://"):
+                    found.append(f"{where}: {url} is not https")
+                continue
             scheme = e["url"].split(":", 1)[0]
             if scheme != "https" and not (scheme == "http" and e["name"] in HTTP_ONLY):
                 found.append(f"{where}: {e['url']} is not https")
@@ -228,12 +237,12 @@ def digest_problems(sources: dict[str, list[dict]]) -> list[str]:
 
 def test_packaged_sources_cover_real_datasets():
     src = load_sources()
-    assert set(src) == {"coco_stuff_164k", "voc12", "pascal_context_59"}
+    assert set(src) == {"coco_stuff_164k", "voc12", "pascal_context_59", "ade20k_150", "ade20k_847"}
     names = {e["name"] for files in src.values() for e in files}
     assert {"train2017.zip", "val2017.zip", "stuffthingmaps_trainval2017.zip",
             "VOCtrainval_11-May-2012.tar", "benchmark.tgz", "VOCtrainval_03-May-2010.tar",
-            "trainval_merged.json"} <= names
-    assert UNPUBLISHED | HTTP_ONLY <= names
+            "trainval_merged.json", "ADEChallengeData2016.zip", "ADE20K_2021_17_01.zip"} <= names
+    assert UNPUBLISHED | HTTP_ONLY | REGISTERED <= names
     assert digest_problems(src) == []
 
 
@@ -447,3 +456,55 @@ def test_download_then_prepare_agree_on_the_layout(server, tmp_path, capsys):
     assert main(["prepare", "--dataset", "voc12", "--downloads", str(root / "voc12"),
                  "--out", str(tmp_path / "data2")]) == 2
     assert f"(here {root})" in capsys.readouterr().err
+
+
+# --- a file that needs a registration (ADE20K-847) ----------------------------------------------
+
+
+def _registered_sources(tmp_path: Path) -> Path:
+    path = tmp_path / "sources.yaml"
+    path.write_text(yaml.safe_dump({"ade20k_847": {"files": [
+        {"name": "ADE20K_2021_17_01.zip", "registration": "https://example.invalid/request",
+         "md5": None, "sha256": None, "extract_to": "."}]}}))
+    return path
+
+
+def test_registered_archive_missing_is_one_line_saying_where(tmp_path, capsys):
+    from cascade_clip.cli import main
+
+    argv = ["download", "--dataset", "ade20k_847", "--root", str(tmp_path / "dl"), "--sources",
+            str(_registered_sources(tmp_path)), "--no-progress"]
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err
+    assert "ADE20K_2021_17_01.zip" in err[0] and "https://example.invalid/request" in err[0]
+    assert "sources: {local: {ADE20K_2021_17_01.zip: /path/to/ADE20K_2021_17_01.zip}}" in err[0]
+
+
+def test_registered_archive_from_the_users_copy(tmp_path, capsys):
+    """`--local` (or the config's sources.local) takes the user's copy: linked into the
+    download folder, its sha256 recorded at first use, extracted; a different copy later is
+    refused by that record."""
+    from cascade_clip.cli import main
+
+    copy = tmp_path / "mine" / "ADE20K_2021_17_01.zip"
+    copy.parent.mkdir()
+    with zipfile.ZipFile(copy, "w") as zf:
+        zf.writestr("ADE20K_2021_17_01/objects.txt", "wall\n")
+    sources = str(_registered_sources(tmp_path))
+    argv = ["download", "--dataset", "ade20k_847", "--root", str(tmp_path / "dl"), "--sources", sources,
+            "--no-progress", "--local", f"ADE20K_2021_17_01.zip={copy}"]
+    assert main(argv) == 0
+    folder = tmp_path / "dl" / "ade20k_847"
+    assert (folder / "ADE20K_2021_17_01" / "objects.txt").read_text() == "wall\n"
+    assert (folder / "ADE20K_2021_17_01.zip.sha256").read_text().split()[0] == hashlib.sha256(
+        copy.read_bytes()).hexdigest()
+    assert main(argv[:-2]) == 0  # in place now: no --local needed
+    (folder / "ADE20K_2021_17_01.zip").unlink()
+    other = tmp_path / "other.zip"
+    with zipfile.ZipFile(other, "w") as zf:
+        zf.writestr("x.txt", "x")
+    capsys.readouterr()
+    assert main(argv[:-1] + [f"ADE20K_2021_17_01.zip={other}"]) == 2
+    assert "checksum mismatch" in capsys.readouterr().err
+    assert not (folder / "ADE20K_2021_17_01.zip").exists()

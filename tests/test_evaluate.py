@@ -124,6 +124,41 @@ def test_cross_dataset_treats_every_class_as_seen(trained, tmp_path):
     assert saved["miou_unseen"] is None and saved["miou_seen"] is not None
 
 
+def test_cross_dataset_on_a_16_bit_target_records_both_rules(trained, tmp_path):
+    """A target of more than 254 classes (as Context-459, ADE20K-847) has 16-bit labels with
+    65535 = ignore: its pixels are all counted, its ignore pixels none, and metrics.json
+    names the rule for absent classes and holds the means under both."""
+    from PIL import Image
+
+    from cascade_clip.cli import main
+
+    cfg, ckpt = trained
+    root = make_tiny_dataset(tmp_path / "wide", n_train=1, n_val=2, seed=7)
+    names = TINY_CLASSES + [f"thing {i}" for i in range(300 - len(TINY_CLASSES))]
+    for path in (root / "labels" / "val").glob("*.png"):
+        with Image.open(path) as im:
+            label = np.array(im).astype(np.uint16)
+        label[label == 255] = 65535
+        label[-1, -3:] = 299  # a class only this wide dataset has
+        Image.fromarray(label).save(path)
+    (root / "dataset.json").write_text(json.dumps({"name": "wide", "classes": names, "image_suffix": ".png",
+                                                   "label_suffix": ".png"}))
+    config = write_config(cfg, tmp_path / "c.yaml")
+    assert main(["evaluate", "--config", str(config), "--checkpoint", str(ckpt), "--out", str(tmp_path / "o"),
+                 "--dataset-root", str(root)]) == 0
+    saved = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert saved["dataset"] == "wide" and len(saved["per_class_iou"]) == 300
+    assert saved["absent_class_rule"] == "gt_or_pred"
+    rules = saved["by_absent_class_rule"]
+    assert set(rules) == {"gt_or_pred", "gt_only"} and rules["gt_or_pred"]["miou"] == saved["miou"]
+    confusion = np.load(tmp_path / "o" / "confusion.npy")
+    assert confusion.shape == (300, 300) and confusion.sum() == 2 * (32 * 32 - 4)
+    assert confusion[299].sum() == 2 * 3
+    gt = confusion.sum(1) > 0
+    iou = np.array([np.nan if v is None else v for v in saved["per_class_iou"].values()])
+    assert rules["gt_only"]["miou"] == pytest.approx(np.nanmean(np.where(gt, iou, np.nan)))
+
+
 def test_checkpoint_from_other_model_config_is_refused(trained, tmp_path, capsys):
     from cascade_clip.cli import main
 

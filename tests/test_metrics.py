@@ -53,3 +53,18 @@ def test_hiou():
 def test_summarize_unknown_unseen_name():
     with pytest.raises(ValueError, match=r"\['zebra'\]"):
         summarize(np.eye(2, dtype=np.int64), ["a", "b"], ["zebra"])
+
+
+def test_both_rules_for_absent_classes():
+    """A class only predicted (c) counts as IoU 0 under gt_or_pred (MMSegmentation,
+    detectron2) and is skipped under gt_only; a class in neither (d) counts under no rule."""
+    # truth: a 3 px, b 1 px; predictions: a 2, b 1, c 1 (a pixel of a predicted as c)
+    cm = np.array([[2, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    out = summarize(cm, ["a", "b", "c", "d"], unseen_names=["b", "c"])
+    assert out["absent_class_rule"] == "gt_or_pred"
+    primary, gt_only = out["by_absent_class_rule"]["gt_or_pred"], out["by_absent_class_rule"]["gt_only"]
+    assert primary["miou"] == out["miou"] == pytest.approx((200 / 3 + 100 + 0) / 3)
+    assert gt_only["miou"] == pytest.approx((200 / 3 + 100) / 2)
+    assert primary["miou_unseen"] == pytest.approx(50.0) and gt_only["miou_unseen"] == pytest.approx(100.0)
+    assert out["per_class_iou"]["c"] == 0.0 and math.isnan(out["per_class_iou"]["d"])
+    assert primary["miou_seen"] == gt_only["miou_seen"] == pytest.approx(200 / 3)

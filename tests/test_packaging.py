@@ -161,6 +161,9 @@ def test_the_wheel_installs_the_kernels_as_cascade_clip_kernels_only(tmp_path):
     top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top == {"cascade_clip"}, top
     assert {"cascade_clip/kernels/nga.py", "cascade_clip/kernels/seg_loss.py"} <= set(names)
+    # the open-vocabulary suite's class lists, which the registry reads at import
+    assert {f"cascade_clip/data/classes/{f}" for f in ("ade20k_150.txt", "ade20k_847.tsv",
+                                                       "pascal_context_459.txt")} <= set(names)
     # PYTHONPATH comes before site-packages, where the editable install's finder also sits
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     proc = subprocess.run(

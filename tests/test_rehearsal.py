@@ -28,9 +28,11 @@ import yaml
 from PIL import Image
 from rehearsal.mirrors import (
     COCO_KEPT_IDS,
+    DERIVED,
     MirrorSpec,
     encode_rle,
     http_mirror,
+    local_files,
     random_clip_weights,
     sha256_file,
     write_mirror,
@@ -43,7 +45,8 @@ from cascade_clip.data.registry import DATASETS
 ROOT = Path(__file__).resolve().parents[1]
 REHEARSAL = ROOT / "tests" / "rehearsal"
 # Image counts of the miniatures: 4 training images (one per cache shard), 1 validation image.
-SPECS = {name: MirrorSpec(train=4, val=1) for name in ("coco_stuff_164k", "voc12", "pascal_context_59")}
+SPECS = {name: MirrorSpec(train=4, val=1) for name in ("coco_stuff_164k", "voc12", "pascal_context_59",
+                                                      "ade20k_150", "ade20k_847")}
 CONFIGS = ("voc.yaml", "context.yaml", "coco_stuff.yaml")
 
 
@@ -96,29 +99,40 @@ def test_rle_encoder_inverts_the_converters_decoder():
 
 
 def test_mirrors_download_and_prepare_to_every_class(mirror, tmp_path):
-    """`download` from the local mirror (its sources file, sha256 checked) then `prepare`:
-    the split lists the mirror meant, and every class of each dataset, unseen ones
-    included, in the converted labels."""
+    """`download` from the local mirror (its sources file, sha256 checked; ADE20K-847 from the
+    user's copy) then `prepare`: the split lists the mirror meant, and every class of each
+    dataset, unseen ones included, in the converted labels (16-bit ones for Context-459 and
+    ADE20K-847). Prints what each target's download + prepare costs."""
     from cascade_clip.cli import main
+    from cascade_clip.data import label_ignore_index
 
     sources = yaml.safe_load((mirror.folder / "sources.yaml").read_text())
+    local = [arg for item in local_files(mirror.datasets) for arg in ("--local", item)]
+    seconds = {}
     for name, data in mirror.datasets.items():
-        assert [e["name"] for e in sources[name]["files"]] == list(data.archives)
+        if name not in DERIVED:
+            assert [e["name"] for e in sources[name]["files"]] == list(data.archives)
+        start = time.perf_counter()
         assert main(["download", "--dataset", name, "--root", str(tmp_path / "dl"), "--sources",
-                     str(mirror.folder / "sources.yaml"), "--no-progress"]) == 0
+                     str(mirror.folder / "sources.yaml"), "--no-progress", *local]) == 0
         out = tmp_path / "data" / name
         argv = ["prepare", "--dataset", name, "--downloads", str(tmp_path / "dl"), "--out", str(out)]
         assert main(argv) == 0
+        seconds[name] = time.perf_counter() - start
         classes = json.loads((out / "dataset.json").read_text())["classes"]
         assert classes == list(DATASETS[name].classes)
         present = set()
-        for split, ids in (("train", data.train_ids), ("val", data.val_ids)):
+        splits = [("train", data.train_ids)] if data.train_ids else []
+        for split, ids in splits + [("val", data.val_ids)]:
             assert (out / "splits" / f"{split}.txt").read_text().split() == ids
             for i in ids:
                 present |= set(np.unique(label_array(out / "labels" / split / f"{i}.png")).tolist())
-        assert present - {255} == set(range(len(classes))), name
+        assert present - {label_ignore_index(len(classes))} == set(range(len(classes))), name
+        assert data.train_ids or not (out / "splits" / "train.txt").exists()
     requested = {path for path, _ in mirror.server.log}
-    assert requested == {f"/{n}" for d in mirror.datasets.values() for n in d.archives}
+    fetched = {n for name, d in mirror.datasets.items() if name not in DERIVED for n in d.archives}
+    assert requested == {f"/{n}" for n in fetched if n != "ADE20K_2021_17_01.zip"}
+    print("\ndownload + prepare of each miniature (s):", {k: round(v, 2) for k, v in seconds.items()})
 
 
 def test_mirror_layouts_are_the_real_ones(mirror):
@@ -206,18 +220,27 @@ def test_vpt_main_run_with_a_frozen_row_caches_in_frozen_mode(tmp_path):
 
 
 def test_cross_dataset_evaluation_takes_the_cli_cross_path(tmp_path):
-    """evaluate_cross evaluates the COCO-Stuff model on VOC and Context through evaluate's
-    cross-dataset options (every class seen, the checkpoint's own classes not required),
-    not by renaming the config's dataset, which the checkpoint check refuses."""
+    """evaluate_cross evaluates the COCO-Stuff model on VOC and Context (its cross_eval) and,
+    with workflow.open_vocab, on the whole suite, through evaluate's cross-dataset options
+    (every class seen, the checkpoint's own classes not required), not by renaming the
+    config's dataset, which the checkpoint check refuses. VOC-21 and Context-459 are
+    converted from VOC's and Context's downloads; ADE20K-150 and -847 have their own."""
+    real = read_yaml(ROOT / "config" / "coco_stuff.yaml")
+    assert real["workflow"]["open_vocab"] is False  # the suite is opt-in (ADE20K-847's registration)
+    assert [c["dataset"] for c in real["cross_eval"]] == ["voc12", "pascal_context_59"]
+    (tmp_path / "open_vocab.yaml").write_text("workflow: {open_vocab: true}\n")
     res = snakemake("-n", "-p", "--cores", "2", "--configfile", str(ROOT / "config" / "coco_stuff.yaml"),
-                    cwd=tmp_path)
+                    str(tmp_path / "open_vocab.yaml"), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    commands = [c for c in shell_commands(res) if "cli evaluate" in c and "eval/cross/" in c]
-    assert len(commands) == 2, commands
-    for dataset in ("voc12", "pascal_context_59"):
-        (command,) = [c for c in commands if f"eval/cross/{dataset}" in c]
+    commands = shell_commands(res)
+    cross = [c for c in commands if "cli evaluate" in c and "eval/cross/" in c]
+    assert len(cross) == 6, cross
+    for dataset in ("voc12", "pascal_context_59", "voc21", "ade20k_150", "pascal_context_459", "ade20k_847"):
+        (command,) = [c for c in cross if f"eval/cross/{dataset}" in c]
         assert f"--dataset-root resources/data/{dataset} --dataset {dataset}" in command
         assert "--set dataset." not in command
+    downloads = sorted(c.split("--dataset ")[1].split()[0] for c in commands if "cascade-clip download" in c)
+    assert downloads == ["ade20k_150", "ade20k_847", "coco_stuff_164k", "pascal_context_59", "voc12"]
 
 
 # --- the rehearsals -----------------------------------------------------------------------------

@@ -143,6 +143,29 @@ def test_build_report(tmp_path):
     assert (out / "examples/img0.png").read_bytes() == (examples / "img0.png").read_bytes()
 
 
+def test_open_vocab_page_gives_both_rules_for_absent_classes(tmp_path):
+    """A 459-class target's mIoU under both rules, from metrics.json as evaluation writes it;
+    a target evaluated before both were recorded shows n/a for the second."""
+    res, examples = _results(tmp_path)
+    # 459 classes: 3 in the ground truth (IoU 60, 30, 0), 2 only predicted (IoU 0)
+    confusion = np.zeros((459, 459), np.int64)
+    confusion[0, 0], confusion[0, 3] = 6, 4  # class 0: 6 / 10
+    confusion[1, 1], confusion[1, 4] = 3, 7  # class 1: 3 / 10
+    confusion[2, 0] = 5  # class 2 never predicted: IoU 0; class 0 now 6 / 15
+    names = [f"c{i}" for i in range(459)]
+    _write_metrics(res / "eval/cross/pascal_context_459/metrics.json", summarize(confusion, names, []))
+    out = tmp_path / "report"
+    build_report(res, ["cascade"], ["b"], examples, out, cross=["other", "pascal_context_459"])
+    rows = table(out / "open_vocab.html")
+    assert rows[0][-2:] == ["mIoU: classes in ground truth or prediction",
+                            "mIoU: classes in ground truth only"]
+    assert rows[1] == ["other", "0", "3", "33.3", "n/a"]
+    assert rows[2] == ["pascal_context_459", "459", "3", f"{(40 + 30) / 5:.1f}", f"{(40 + 30) / 3:.1f}"]
+    with open(out / "summary.csv") as f:
+        records = {r["run"]: r for r in csv.DictReader(f)}
+    assert float(records["cross:pascal_context_459"]["miou_gt_only"]) == pytest.approx(70 / 3)
+
+
 def test_curves_empty_without_logs(tmp_path):
     res, examples = _results(tmp_path, log=False)
     build_report(res, ["cascade"], ["b"], examples, tmp_path / "report")

@@ -9,7 +9,8 @@ from cascade_clip.errors import InputError
 
 HELP = "Download a real dataset's archives (resumable, checksummed) and extract them."
 
-REAL_DATASETS = ("coco_stuff_164k", "voc12", "pascal_context_59")
+REAL_DATASETS = ("coco_stuff_164k", "voc12", "pascal_context_59", "voc21", "ade20k_150",
+                 "pascal_context_459", "ade20k_847")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(a mirror, or a local server in tests)")
     parser.add_argument("--sources", default=None,
                         help="sources YAML to use instead of the packaged cascade_clip/data/sources.yaml")
+    parser.add_argument("--local", action="append", default=[], metavar="FILE=PATH",
+                        help="use your copy of a file instead of downloading it (an archive that "
+                             "needs a registration: ADE20K_2021_17_01.zip=/path/to/it); repeatable")
     parser.add_argument("--no-extract", action="store_true", help="download only")
     parser.add_argument("--retries", type=int, default=5, help="retries per file on transient errors")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -48,10 +52,11 @@ def _pin(sources: dict[str, list[dict]], pins: dict, where: str) -> dict[str, li
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from cascade_clip.data.registry import download_folder
     from cascade_clip.download import DownloadError, fetch_dataset, load_sources, recorded_digest
 
     dataset, root, base_url, sources_file = args.dataset, args.root, args.base_url, args.sources
-    pins = {}
+    pins, local = {}, {}
     if args.config:
         from cascade_clip.config import load_config, parse_overrides
 
@@ -62,21 +67,28 @@ def run(args: argparse.Namespace) -> int:
         base_url = base_url or section.get("base_url")
         sources_file = sources_file or section.get("file")
         pins = section.get("sha256") or {}
+        local = dict(section.get("local") or {})
+    for item in args.local:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"--local {item!r}: expected FILE=PATH")
+        local[name] = path
     if not dataset:
         raise InputError("no dataset given: pass --dataset NAME or --config FILE")
     if dataset not in REAL_DATASETS:
         raise InputError(f"dataset {dataset!r} is not downloaded; the shapes world is made by "
                          "`cascade-clip make-shapes`")
     sources = _pin(load_sources(sources_file), pins, args.config)
+    folder = download_folder(dataset)  # voc21 and pascal_context_459 read another's download
     try:
-        out = fetch_dataset(dataset, root or "resources/downloads", sources=sources,
-                            base_url=base_url, retries=args.retries,
+        out = fetch_dataset(folder, root or "resources/downloads", sources=sources,
+                            base_url=base_url, retries=args.retries, local=local,
                             unpack=not args.no_extract, progress=not args.no_progress)
     except DownloadError as err:
         print(f"cascade-clip download: error: {err}", file=sys.stderr)
         return 1
     print(f"{dataset}: downloaded to {out}")
-    for entry in sources[dataset]:
+    for entry in sources[folder]:
         if any(entry.get(k) for k in ("md5", "sha1", "sha256")):
             continue
         digest = recorded_digest(Path(out) / entry["name"])

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cascade_clip.data import get_spec, resolve_split
-    from cascade_clip.data.registry import check_unseen_names
+    from cascade_clip.data.registry import DATASETS, check_unseen_names
 
     cfg = config_from_args(args)
     spec = get_spec(cfg.dataset.name, cfg.dataset.root)
@@ -27,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
     seen, unseen = resolve_split(spec, names)
     if not seen:
         raise InputError(f"{args.config}: every class of {spec.name} is unseen; nothing to train on")
+    if spec.name not in DATASETS:
+        _check_unseen_are_evaluated(cfg, names, args.config)
     split = {
         "dataset": spec.name,
         "classes": list(spec.classes),
@@ -42,3 +44,27 @@ def run(args: argparse.Namespace) -> int:
     tmp.replace(out)
     print(f"{spec.name}: {len(seen)} seen, {len(unseen)} unseen classes: {', '.join(split['unseen'])}")
     return 0
+
+
+def _check_unseen_are_evaluated(cfg, unseen: list[str], where: str) -> None:
+    """Your own data: every unseen class must occur in the evaluation split, else its IoU is
+    undefined and mIoU(U) comes out n/a (NaN) at the end of a whole run. Reads the split's
+    class index (splits/<split>.classes.json, which prepare writes); without one, no check."""
+    from cascade_clip.data import load_classes
+
+    split = cfg.evaluate.split or cfg.dataset.val_split
+    index = Path(cfg.dataset.root) / "splits" / f"{split}.classes.json"
+    if not index.is_file():
+        return
+    try:
+        presence = json.loads(index.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{index}: not valid JSON ({err})") from None
+    present = {int(c) for ids in presence.values() for c in ids}
+    classes = load_classes(cfg.dataset.root)
+    missing = [n for n in unseen if classes.index(n) not in present]
+    if missing:
+        raise InputError(
+            f"{where}: dataset.unseen: {missing} never occur in split {split!r} of {cfg.dataset.root}: "
+            "their IoU would be undefined and mIoU(U) n/a; hold out classes the evaluation split holds"
+        )

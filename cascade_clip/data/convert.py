@@ -14,6 +14,20 @@ Sources (layouts as `cascade-clip download` leaves them):
 - VOC 2012 aug: `VOCdevkit/VOC2012` (JPEGImages, SegmentationClass, ImageSets/Segmentation)
   and `benchmark_RELEASE/dataset` (SBD: cls/*.mat, img/, train.txt, val.txt).
 - PASCAL Context 59: `VOCdevkit/VOC2010/JPEGImages` and `trainval_merged.json` (Detail API).
+
+The open-vocabulary suite's targets (docs/design.md: Data and the zero-shot protocol; class
+lists and mappings as MMSegmentation and the detectron2 converters of MaskFormer, SAN and
+CAT-Seg, cited in cascade_clip/data/classes/):
+
+- VOC-21: VOC 2012 + SBD aug as above, background kept as train id 0.
+- ADE20K-150: `ADEChallengeData2016/{images,annotations}/{training,validation}`; value v ->
+  train id v - 1, 0 ignored.
+- PASCAL Context-459: the Context-59 sources; Detail category c -> train id c - 1, unlabeled
+  ignored; val only, 16-bit labels.
+- ADE20K-847: `ADE20K_2021_17_01/images/ADE/validation/**/ADE_val_*{.jpg,_seg.png}`; the
+  class index R / 10 * 256 + G of each `_seg.png` pixel through MaskFormer's 847-class map,
+  every other index ignored; images whose short side exceeds 512 resized to 512 (labels
+  nearest), as MaskFormer's converter does; val only, 16-bit labels.
 """
 
 from __future__ import annotations
@@ -22,6 +36,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -29,11 +44,15 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from cascade_clip.data import IGNORE_INDEX
+from cascade_clip.data import IGNORE_INDEX, IGNORE_INDEX_16
 from cascade_clip.data.registry import (
+    ADE20K_150,
+    ADE20K_847_IDS,
     COCO_STUFF_171,
     COCO_STUFF_UNUSED_IDS,
     CONTEXT_59_DETAIL_IDS,
+    CONTEXT_459,
+    VOC_21,
     VOC_CLASSES,
 )
 from cascade_clip.errors import InputError, MissingInputError
@@ -55,9 +74,10 @@ def read_label_png(path: Path) -> np.ndarray:
 
 
 def write_label_png(path: Path, label: np.ndarray) -> None:
-    """Save a (H, W) uint8 array as a mode "L" PNG."""
+    """Save a (H, W) uint8 array as a mode "L" PNG (a uint16 array: a 16-bit PNG)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8)).save(path)  # 2-D uint8: mode L
+    dtype = np.uint16 if label.dtype == np.uint16 else np.uint8
+    Image.fromarray(np.ascontiguousarray(label, dtype=dtype)).save(path)  # 2-D: mode L or I;16
 
 
 def place_image(src: Path, dst: Path, link: bool = True) -> None:
@@ -126,7 +146,8 @@ def _start(out: Path, force: bool) -> bool:
 
 
 def _present(label: np.ndarray) -> list[int]:
-    return [int(v) for v in np.unique(label) if v != IGNORE_INDEX]
+    ignore = IGNORE_INDEX_16 if label.dtype == np.uint16 else IGNORE_INDEX
+    return [int(v) for v in np.unique(label) if v != ignore]
 
 
 def _map_all(fn: Callable, tasks: list, workers: int, desc: str) -> list:
@@ -170,13 +191,54 @@ def convert_coco_stuff_label(label: np.ndarray, path: Path | str = "label") -> n
     return _COCO_LUT[label]
 
 
-def _coco_one(task: tuple[Path, Path, Path, Path, bool]) -> list[int]:
-    img_src, map_src, img_dst, lbl_dst, link = task
-    label = convert_coco_stuff_label(read_label_png(map_src), map_src)
+def _pair_one(task: tuple[Callable, Path, Path, Path, Path, bool]) -> list[int]:
+    """One image and its label PNG: map the label, check the sizes, write both."""
+    to_label, img_src, map_src, img_dst, lbl_dst, link = task
+    label = to_label(read_label_png(map_src), map_src)
     check_same_size(img_src, map_src, label)
     write_label_png(lbl_dst, label)
     place_image(img_src, img_dst, link)
     return _present(label)
+
+
+def convert_label_folders(
+    out: Path,
+    name: str,
+    classes: Sequence[str],
+    splits: dict[str, tuple[Path, Path, list[str]]],
+    to_label: Callable[[np.ndarray, Path], np.ndarray],
+    *,
+    image_suffix: str = ".jpg",
+    workers: int = 1,
+    link: bool = True,
+) -> dict[str, int]:
+    """Images with label PNGs of the same stem -> common format; {split: count}.
+
+    `splits` maps output split -> (image folder, label folder, ids); `to_label(raw, path)`
+    maps a PNG's raw values to train ids (raising InputError naming `path` for a value it
+    does not know). Writes dataset.json last.
+    """
+    counts = {}
+    for split, (images, labels, ids) in splits.items():
+        tasks = [
+            (to_label, images / f"{i}{image_suffix}", labels / f"{i}.png",
+             out / "images" / split / f"{i}{image_suffix}", out / "labels" / split / f"{i}.png", link)
+            for i in ids
+        ]
+        presence = _map_all(_pair_one, tasks, workers, f"{name} {split}")
+        write_split(out, split, ids, dict(zip(ids, presence)))
+        counts[split] = len(ids)
+    write_dataset_json(out, name, classes, image_suffix)
+    return counts
+
+
+def _png_ids(folder: Path, what: str) -> list[str]:
+    if not folder.is_dir():
+        raise MissingInputError(f"{folder}: {what} folder not found")
+    ids = sorted(p.stem for p in folder.glob("*.png"))
+    if not ids:
+        raise InputError(f"{folder}: no label PNGs found")
+    return ids
 
 
 def convert_coco_stuff(
@@ -197,24 +259,11 @@ def convert_coco_stuff(
     splits = splits or {"train": "train2017", "val": "val2017"}
     if not _start(out, force):
         return _counts(out, splits)
-    counts = {}
-    for split, folder in splits.items():
-        maps_dir = src / "stuffthingmaps" / folder
-        if not maps_dir.is_dir():
-            raise MissingInputError(f"{maps_dir}: stuffthingmaps folder not found")
-        ids = sorted(p.stem for p in maps_dir.glob("*.png"))
-        if not ids:
-            raise InputError(f"{maps_dir}: no label PNGs found")
-        tasks = [
-            (src / "images" / folder / f"{i}.jpg", maps_dir / f"{i}.png",
-             out / "images" / split / f"{i}.jpg", out / "labels" / split / f"{i}.png", link)
-            for i in ids
-        ]
-        presence = _map_all(_coco_one, tasks, workers, f"coco_stuff {split}")
-        write_split(out, split, ids, dict(zip(ids, presence)))
-        counts[split] = len(ids)
-    write_dataset_json(out, "coco_stuff_164k", COCO_STUFF_171)
-    return counts
+    pairs = {split: (src / "images" / folder, src / "stuffthingmaps" / folder,
+                     _png_ids(src / "stuffthingmaps" / folder, "stuffthingmaps"))
+             for split, folder in splits.items()}
+    return convert_label_folders(out, "coco_stuff_164k", COCO_STUFF_171, pairs, convert_coco_stuff_label,
+                                 workers=workers, link=link)
 
 
 def _counts(out: Path, splits: Iterable[str]) -> dict[str, int]:
@@ -224,12 +273,15 @@ def _counts(out: Path, splits: Iterable[str]) -> dict[str, int]:
 # --- PASCAL VOC 2012 + SBD aug ------------------------------------------------------------
 
 
-def convert_voc_label(label: np.ndarray, path: Path | str = "label") -> np.ndarray:
-    """VOC/SBD class indices -> 20 train ids: 0 background -> 255, c -> c-1, 255 stays."""
+def convert_voc_label(label: np.ndarray, path: Path | str = "label", background: bool = False) -> np.ndarray:
+    """VOC/SBD class indices -> 20 train ids: 0 background -> 255, c -> c-1, 255 stays.
+    With `background` (VOC-21) the indices are the train ids: background is class 0."""
     values = np.unique(label)
     bad = [int(v) for v in values if 20 < v < 255]
     if bad:
         raise InputError(f"{path}: values {bad} are not VOC class indices 0..20 or 255")
+    if background:
+        return np.asarray(label, dtype=np.uint8)
     lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     lut[1:21] = np.arange(20, dtype=np.uint8)
     return lut[label]
@@ -257,10 +309,10 @@ def read_sbd_mat(path: Path) -> np.ndarray:
     return seg.astype(np.uint8)
 
 
-def _voc_one(task: tuple[Path, Path, Path, Path, bool]) -> list[int]:
-    img_src, lbl_src, img_dst, lbl_dst, link = task
+def _voc_one(task: tuple[Path, Path, Path, Path, bool, bool]) -> list[int]:
+    img_src, lbl_src, img_dst, lbl_dst, link, background = task
     raw = read_sbd_mat(lbl_src) if lbl_src.suffix == ".mat" else read_label_png(lbl_src)
-    label = convert_voc_label(raw, lbl_src)
+    label = convert_voc_label(raw, lbl_src, background)
     check_same_size(img_src, lbl_src, label)
     write_label_png(lbl_dst, label)
     place_image(img_src, img_dst, link)
@@ -279,13 +331,20 @@ def voc12_aug_splits(src: str | Path) -> dict[str, list[str]]:
 
 
 def convert_voc12_aug(
-    src: str | Path, out: str | Path, *, workers: int = 1, link: bool = True, force: bool = False
+    src: str | Path,
+    out: str | Path,
+    *,
+    background: bool = False,
+    workers: int = 1,
+    link: bool = True,
+    force: bool = False,
 ) -> dict[str, int]:
     """VOC 2012 + SBD aug -> common format; returns {split: number of images}.
 
     Labels come from VOC's SegmentationClass PNG where one exists (the finer VOC masks,
     with their 255 boundaries), else from SBD's `cls/<id>.mat`; images from VOC's
-    JPEGImages (SBD's `img/` as a fallback).
+    JPEGImages (SBD's `img/` as a fallback). `background`: VOC-21 (background kept as
+    class 0), else the 20 classes with background ignored.
     """
     src, out = Path(src), Path(out)
     if not _start(out, force):
@@ -308,60 +367,58 @@ def convert_voc12_aug(
             if not img.is_file() and (sbd / "img" / f"{i}.jpg").is_file():
                 img = sbd / "img" / f"{i}.jpg"
             tasks.append((img, lbl, out / "images" / split / f"{i}.jpg",
-                          out / "labels" / split / f"{i}.png", link))
-        presence = _map_all(_voc_one, tasks, workers, f"voc12 {split}")
+                          out / "labels" / split / f"{i}.png", link, background))
+        name = "voc21" if background else "voc12"
+        presence = _map_all(_voc_one, tasks, workers, f"{name} {split}")
         write_split(out, split, ids, dict(zip(ids, presence)))
         counts[split] = len(ids)
-    write_dataset_json(out, "voc12", VOC_CLASSES)
+    write_dataset_json(out, "voc21" if background else "voc12", VOC_21 if background else VOC_CLASSES)
     return counts
 
 
-# --- PASCAL Context 59 (Detail API json) --------------------------------------------------
+def convert_voc21(src: str | Path, out: str | Path, **kwargs) -> dict[str, int]:
+    """VOC 2012 + SBD aug with background (VOC-21) -> common format, from voc12's download."""
+    return convert_voc12_aug(src, out, background=True, **kwargs)
 
 
-def _rle_counts_from_string(s: str) -> list[int]:
-    """Decode the COCO compressed-RLE string: 6-bit groups (char - 48), 5 data bits + a
-    continuation bit, sign-extended; from the third count on, each value is a delta from
-    the count two places before."""
-    counts: list[int] = []
-    p, n = 0, len(s)
-    while p < n:
-        x, k, more = 0, 0, True
-        while more:
-            if p >= n:
-                raise InputError("truncated RLE string")
-            c = ord(s[p]) - 48
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and (c & 0x10):
-                x |= -1 << (5 * k)
-        if len(counts) > 2:
-            x += counts[-2]
-        counts.append(x)
-    return counts
+# --- PASCAL Context 59 and 459 (Detail API json) --------------------------------------------
 
 
 def decode_rle(rle: dict, height: int | None = None, width: int | None = None) -> np.ndarray:
-    """COCO-style RLE ({"size": [h, w], "counts": str or list}) -> (h, w) bool mask.
+    """COCO-style RLE ({"size": [h, w], "counts": str or list}) -> (h, w) bool mask, through
+    pycocotools (column-major runs, background first).
 
-    Runs alternate background/foreground starting with background, over the pixels in
-    column-major (Fortran) order. Raises ValueError for a malformed mask.
+    Runs that do not cover the h x w pixels exactly are refused: a list is summed; a
+    compressed string, after which pycocotools leaves the pixels of a short one undefined,
+    must encode back to itself (the canonical encoding pycocotools and the Detail API
+    write). Raises InputError for a malformed mask.
     """
+    from pycocotools import mask as coco_mask
+
     if not isinstance(rle, dict) or "counts" not in rle:
         raise InputError("segmentation is not an RLE mask (expected a dict with 'counts')")
     h, w = (int(v) for v in rle.get("size", (height, width)))
     counts = rle["counts"]
-    if isinstance(counts, bytes):
-        counts = counts.decode("ascii")
-    runs = _rle_counts_from_string(counts) if isinstance(counts, str) else [int(c) for c in counts]
-    if any(r < 0 for r in runs) or sum(runs) != h * w:
-        raise InputError(f"RLE runs cover {sum(runs)} pixels, mask has {h}x{w}={h * w}")
-    values = np.zeros(len(runs), dtype=bool)
-    values[1::2] = True
-    flat = np.repeat(values, runs)
-    return flat.reshape((w, h)).T
+    if isinstance(counts, list):
+        runs = [int(c) for c in counts]
+        if any(r < 0 for r in runs) or sum(runs) != h * w:
+            raise InputError(f"RLE runs cover {sum(runs)} pixels, mask has {h}x{w}={h * w}")
+        encoded = coco_mask.frPyObjects({"size": [h, w], "counts": runs}, h, w)
+    elif isinstance(counts, (str, bytes)):
+        encoded = {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    else:
+        raise InputError(f"RLE counts must be a string or a list, got {type(counts).__name__}")
+    try:
+        with warnings.catch_warnings():  # pycocotools 2.0.11's own NumPy 2 copy= notice
+            warnings.simplefilter("ignore", DeprecationWarning)
+            mask = coco_mask.decode(encoded)
+    except ValueError as err:  # runs beyond the mask
+        raise InputError(f"malformed RLE for a {h}x{w} mask ({err})") from None
+    if isinstance(counts, list):
+        return mask.astype(bool)
+    if coco_mask.encode(np.asfortranarray(mask))["counts"] != encoded["counts"]:
+        raise InputError(f"RLE runs do not cover the {h}x{w} mask exactly")
+    return mask.astype(bool)
 
 
 def context59_lut(max_id: int = 460) -> np.ndarray:
@@ -396,11 +453,22 @@ def detail_class_mask(image: dict, anns: list[dict], where: str = "trainval_merg
     return mask
 
 
-def _context_one(task: tuple[dict, list[dict], Path, Path, Path, bool, str]) -> list[int]:
-    image, anns, img_src, img_dst, lbl_dst, link, where = task
-    mask = detail_class_mask(image, anns, where)
-    lut = context59_lut(max(460, int(mask.max()) + 1))
-    label = lut[mask]
+def context459_label(mask: np.ndarray, where: str = "trainval_merged.json") -> np.ndarray:
+    """Detail category ids (0 unlabeled, 1..459) -> Context-459 train ids (uint16, c - 1;
+    unlabeled 65535), as SAN's and CAT-Seg's `LabelMap - 1` in 16 bits."""
+    if mask.size and int(mask.max()) > len(CONTEXT_459):
+        raise InputError(f"{where}: category id {int(mask.max())} is outside the 459 Context classes")
+    return np.where(mask == 0, IGNORE_INDEX_16, mask - 1).astype(np.uint16)
+
+
+def context59_label(mask: np.ndarray, where: str = "trainval_merged.json") -> np.ndarray:
+    """Detail category ids -> Context-59 train ids (uint8; other categories and unlabeled 255)."""
+    return context59_lut(max(460, int(mask.max()) + 1))[mask]
+
+
+def _context_one(task: tuple[Callable, dict, list[dict], Path, Path, Path, bool, str]) -> list[int]:
+    to_label, image, anns, img_src, img_dst, lbl_dst, link, where = task
+    label = to_label(detail_class_mask(image, anns, where), where)
     hw = image_size(img_src, f"{where}, image {image.get('image_id')}")
     if label.shape != hw:
         raise InputError(
@@ -430,6 +498,46 @@ def load_detail_json(path: Path) -> dict:
     return data
 
 
+def _convert_detail(
+    src: Path,
+    out: Path,
+    name: str,
+    classes: Sequence[str],
+    to_label: Callable[[np.ndarray, str], np.ndarray],
+    splits: Sequence[str],
+    json_path: str | Path | None,
+    workers: int,
+    link: bool,
+) -> dict[str, int]:
+    """The Detail json's masks of each image of `splits` (by `phase`) through `to_label`."""
+    json_path = Path(json_path) if json_path else src / "trainval_merged.json"
+    if not json_path.is_file() and (src / "VOCdevkit" / "VOC2010" / "trainval_merged.json").is_file():
+        json_path = src / "VOCdevkit" / "VOC2010" / "trainval_merged.json"
+    data = load_detail_json(json_path)
+    by_image: dict[int, list[dict]] = {}
+    for ann in data["annos_segmentation"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    jpeg = src / "VOCdevkit" / "VOC2010" / "JPEGImages"
+    counts = {}
+    for split in splits:
+        images = sorted((im for im in data["images"] if im.get("phase") == split),
+                        key=lambda im: im["file_name"])
+        if not images:
+            raise InputError(f"{json_path}: no images with phase {split!r}")
+        ids = [Path(im["file_name"]).stem for im in images]
+        tasks = [
+            (to_label, im, by_image.get(im["image_id"], []), jpeg / im["file_name"],
+             out / "images" / split / f"{i}.jpg", out / "labels" / split / f"{i}.png", link,
+             str(json_path))
+            for i, im in zip(ids, images)
+        ]
+        presence = _map_all(_context_one, tasks, workers, f"{name} {split}")
+        write_split(out, split, ids, dict(zip(ids, presence)))
+        counts[split] = len(ids)
+    write_dataset_json(out, name, classes)
+    return counts
+
+
 def convert_pascal_context_59(
     src: str | Path,
     out: str | Path,
@@ -446,48 +554,163 @@ def convert_pascal_context_59(
     categories and unlabeled pixels become 255.
     """
     src, out = Path(src), Path(out)
-    json_path = Path(json_path) if json_path else src / "trainval_merged.json"
-    if not json_path.is_file() and (src / "VOCdevkit" / "VOC2010" / "trainval_merged.json").is_file():
-        json_path = src / "VOCdevkit" / "VOC2010" / "trainval_merged.json"
     if not _start(out, force):
         return _counts(out, ("train", "val"))
-    data = load_detail_json(json_path)
-    by_image: dict[int, list[dict]] = {}
-    for ann in data["annos_segmentation"]:
-        by_image.setdefault(ann["image_id"], []).append(ann)
-    jpeg = src / "VOCdevkit" / "VOC2010" / "JPEGImages"
-    counts = {}
-    for split in ("train", "val"):
-        images = sorted((im for im in data["images"] if im.get("phase") == split),
-                        key=lambda im: im["file_name"])
-        if not images:
-            raise InputError(f"{json_path}: no images with phase {split!r}")
-        ids = [Path(im["file_name"]).stem for im in images]
-        tasks = [
-            (im, by_image.get(im["image_id"], []), jpeg / im["file_name"],
-             out / "images" / split / f"{i}.jpg", out / "labels" / split / f"{i}.png", link,
-             str(json_path))
-            for i, im in zip(ids, images)
-        ]
-        presence = _map_all(_context_one, tasks, workers, f"context59 {split}")
-        write_split(out, split, ids, dict(zip(ids, presence)))
-        counts[split] = len(ids)
-    write_dataset_json(out, "pascal_context_59", [n for n, _ in CONTEXT_59_DETAIL_IDS])
-    return counts
+    return _convert_detail(src, out, "pascal_context_59", [n for n, _ in CONTEXT_59_DETAIL_IDS],
+                           context59_label, ("train", "val"), json_path, workers, link)
+
+
+def convert_pascal_context_459(
+    src: str | Path,
+    out: str | Path,
+    *,
+    json_path: str | Path | None = None,
+    workers: int = 1,
+    link: bool = True,
+    force: bool = False,
+) -> dict[str, int]:
+    """PASCAL Context-459 (an evaluation target) from the same Detail json -> common format:
+    the 5,104 `val` images, 16-bit labels (category c -> c - 1, unlabeled 65535)."""
+    src, out = Path(src), Path(out)
+    if not _start(out, force):
+        return _counts(out, ("val",))
+    return _convert_detail(src, out, "pascal_context_459", CONTEXT_459, context459_label, ("val",),
+                           json_path, workers, link)
+
+
+# --- ADE20K-150 (ADEChallengeData2016) ----------------------------------------------------
+
+
+def convert_ade20k_150_label(label: np.ndarray, path: Path | str = "label") -> np.ndarray:
+    """ADEChallengeData2016 annotation (0 other, 1..150) -> 150 train ids (v - 1, 0 -> 255)."""
+    values = np.unique(label)
+    bad = [int(v) for v in values if v > len(ADE20K_150)]
+    if bad:
+        raise InputError(f"{path}: values {bad} are not ADE20K-150 classes 0..150")
+    return (np.asarray(label, dtype=np.uint8) - np.uint8(1)).astype(np.uint8)  # 0 wraps to 255
+
+
+def convert_ade20k_150(
+    src: str | Path, out: str | Path, *, workers: int = 1, link: bool = True, force: bool = False
+) -> dict[str, int]:
+    """ADE20K-150 -> common format: train <- training (20,210), val <- validation (2,000);
+    ids are the file stems (ADE_val_00000001)."""
+    src, out = Path(src), Path(out)
+    if not _start(out, force):
+        return _counts(out, ("train", "val"))
+    root = src / "ADEChallengeData2016"
+    pairs = {split: (root / "images" / folder, root / "annotations" / folder,
+                     _png_ids(root / "annotations" / folder, "ADE20K annotations"))
+             for split, folder in (("train", "training"), ("val", "validation"))}
+    return convert_label_folders(out, "ade20k_150", ADE20K_150, pairs, convert_ade20k_150_label,
+                                 workers=workers, link=link)
+
+
+# --- ADE20K-847 (ADE20K_2021_17_01, the full dataset) -----------------------------------------
+
+ADE20K_847_MAX_SIZE = 512  # MaskFormer's converter shrinks a short side above this to it
+
+
+def ade20k_847_lut() -> np.ndarray:
+    """(26 * 256,) uint16: ADE20K object class index (R / 10 * 256 + G) -> 847 train ids,
+    every index MaskFormer's list lacks (0 = unlabeled included) 65535."""
+    lut = np.full(26 * 256, IGNORE_INDEX_16, dtype=np.uint16)
+    for train_id, (index, _) in enumerate(ADE20K_847_IDS):
+        lut[index] = train_id
+    return lut
+
+
+def read_ade_seg(path: Path) -> np.ndarray:
+    """An ADE20K full `*_seg.png` -> (H, W) int32 object class indices (R / 10 * 256 + G)."""
+    if not path.is_file():
+        raise MissingInputError(f"{path}: ADE20K segmentation PNG not found")
+    try:
+        with Image.open(path) as im:
+            if im.mode != "RGB":
+                raise InputError(f"{path}: mode {im.mode!r}; an ADE20K *_seg.png is RGB")
+            seg = np.asarray(im, dtype=np.int32)
+    except (OSError, SyntaxError) as err:
+        raise InputError(f"{path}: unreadable segmentation ({err})") from None
+    return seg[..., 0] // 10 * 256 + seg[..., 1]
+
+
+def ade20k_847_size(h: int, w: int, max_size: int = ADE20K_847_MAX_SIZE) -> tuple[int, int] | None:
+    """The (h, w) MaskFormer's converter resizes an image to, or None to keep it."""
+    if w >= h > max_size:
+        return max_size, round(w / float(h) * max_size)
+    if h >= w > max_size:
+        return round(h / float(w) * max_size), max_size
+    return None
+
+
+def _ade847_one(task: tuple[Path, Path, Path, Path, bool]) -> list[int]:
+    img_src, seg_src, img_dst, lbl_dst, link = task
+    label = ade20k_847_lut()[read_ade_seg(seg_src)]
+    hw = image_size(img_src, seg_src)
+    if label.shape != hw:
+        raise InputError(f"{seg_src}: segmentation size {label.shape[1]}x{label.shape[0]} differs "
+                         f"from image {img_src} size {hw[1]}x{hw[0]}")
+    size = ade20k_847_size(*hw)
+    if size is None:
+        place_image(img_src, img_dst, link)
+    else:  # bilinear image, nearest label (PIL's filters; MaskFormer uses OpenCV's)
+        with Image.open(img_src) as im:
+            image = im.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
+        img_dst.parent.mkdir(parents=True, exist_ok=True)
+        image.save(img_dst, quality=75)  # PIL's default JPEG quality, as MaskFormer saves
+        label = np.asarray(Image.fromarray(label).resize((size[1], size[0]), Image.NEAREST), np.uint16)
+    write_label_png(lbl_dst, label)
+    return _present(label)
+
+
+def convert_ade20k_847(
+    src: str | Path, out: str | Path, *, workers: int = 1, link: bool = True, force: bool = False
+) -> dict[str, int]:
+    """ADE20K-847 (an evaluation target) -> common format: the `val` split from
+    `ADE20K_2021_17_01/images/ADE/validation` (every `ADE_val_*.jpg` beside its `_seg.png`,
+    2,000 images), 16-bit labels. The release's index_ade20k.pkl lists the same files; it is
+    not read (a pickle runs code when loaded)."""
+    src, out = Path(src), Path(out)
+    if not _start(out, force):
+        return _counts(out, ("val",))
+    folder = src / "ADE20K_2021_17_01" / "images" / "ADE" / "validation"
+    if not folder.is_dir():
+        raise MissingInputError(f"{folder}: ADE20K_2021_17_01 validation folder not found")
+    images = sorted(folder.rglob("ADE_val_*.jpg"), key=lambda p: p.stem)
+    if not images:
+        raise InputError(f"{folder}: no ADE_val_*.jpg images found")
+    ids = [p.stem for p in images]
+    if len(set(ids)) != len(ids):
+        raise InputError(f"{folder}: an image name occurs in two scene folders")
+    tasks = [(p, p.with_name(f"{p.stem}_seg.png"), out / "images" / "val" / f"{p.stem}.jpg",
+              out / "labels" / "val" / f"{p.stem}.png", link) for p in images]
+    presence = _map_all(_ade847_one, tasks, workers, "ade20k_847 val")
+    write_split(out, "val", ids, dict(zip(ids, presence)))
+    write_dataset_json(out, "ade20k_847", [name for _, name in ADE20K_847_IDS])
+    return {"val": len(ids)}
 
 
 CONVERTERS: dict[str, Callable[..., dict[str, int]]] = {
     "coco_stuff_164k": convert_coco_stuff,
     "voc12": convert_voc12_aug,
     "pascal_context_59": convert_pascal_context_59,
+    "voc21": convert_voc21,
+    "ade20k_150": convert_ade20k_150,
+    "pascal_context_459": convert_pascal_context_459,
+    "ade20k_847": convert_ade20k_847,
 }
 
 __all__ = [
     "CONVERTERS",
+    "convert_ade20k_150",
+    "convert_ade20k_847",
     "convert_coco_stuff",
     "convert_coco_stuff_label",
+    "convert_label_folders",
+    "convert_pascal_context_459",
     "convert_pascal_context_59",
     "convert_voc12_aug",
+    "convert_voc21",
     "convert_voc_label",
     "decode_rle",
     "detail_class_mask",

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from cascade_clip.data import IGNORE_INDEX, UNSEEN_INDEX
+from cascade_clip.data import IGNORE_INDEX, MAX_BYTE_CLASSES, UNSEEN_INDEX, label_ignore_index
 from cascade_clip.data.registry import read_dataset_json, resolve_split
 from cascade_clip.data.transforms import normalize, sample_rng
 from cascade_clip.errors import InputError, MissingInputError
@@ -47,24 +47,29 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def read_label(path: Path, num_classes: int) -> np.ndarray:
-    """(H, W) uint8 train ids; values must be 0..num_classes-1 or 255."""
+    """(H, W) train ids: uint8 (values 0..num_classes-1 or 255), or for more than 254
+    classes uint16 from a 16-bit PNG (values 0..num_classes-1 or 65535)."""
     if not path.is_file():
         raise MissingInputError(f"{path}: label not found")
+    wide = num_classes > MAX_BYTE_CLASSES
+    modes, dtype = (("I;16", "I"), np.uint16) if wide else (("L", "P"), np.uint8)
     try:
         with Image.open(path) as im:
-            if im.mode not in ("L", "P"):
-                raise InputError(f"{path}: label has mode {im.mode!r}; expected single-channel 'L'")
-            label = np.asarray(im, dtype=np.uint8)
+            if im.mode not in modes:
+                want = "a 16-bit grayscale PNG" if wide else "single-channel 'L'"
+                raise InputError(f"{path}: label has mode {im.mode!r}; expected {want}")
+            raw = np.asarray(im)
     except (OSError, SyntaxError) as err:
         raise InputError(f"{path}: unreadable label ({err})") from None
-    values = np.unique(label)
-    bad = values[(values >= num_classes) & (values != IGNORE_INDEX)]
+    ignore = label_ignore_index(num_classes)
+    values = np.unique(raw)
+    bad = values[((values >= num_classes) & (values != ignore)) | (values < 0)]
     if bad.size:
         shown = [int(v) for v in bad[:8]]
         raise InputError(
-            f"{path}: label values {shown} are neither train ids 0..{num_classes - 1} nor 255"
+            f"{path}: label values {shown} are neither train ids 0..{num_classes - 1} nor {ignore}"
         )
-    return label
+    return raw.astype(dtype)
 
 
 class SegmentationDataset(Dataset):
@@ -102,6 +107,12 @@ class SegmentationDataset(Dataset):
         self.image_suffix: str = meta["image_suffix"]
         self.label_suffix: str = meta["label_suffix"]
         self.seen_ids, self.unseen_ids = self._resolve_unseen(list(unseen))
+        self.ignore_index = label_ignore_index(len(self.classes))
+        if len(self.classes) > MAX_BYTE_CLASSES and mode != "eval":
+            raise InputError(
+                f"{self.root / 'dataset.json'}: {len(self.classes)} classes (16-bit labels) make an "
+                f"evaluation target; training reads at most {MAX_BYTE_CLASSES} classes"
+            )
 
         self.lut = np.arange(256, dtype=np.uint8)
         if mode == "inductive":
@@ -161,7 +172,7 @@ class SegmentationDataset(Dataset):
         out = {}
         for i in self.ids:
             label = read_label(self.label_path(i), len(self.classes))
-            out[i] = [int(v) for v in np.unique(label) if v != IGNORE_INDEX]
+            out[i] = [int(v) for v in np.unique(label) if v != self.ignore_index]
         return out
 
     # --- access ------------------------------------------------------------------------
@@ -181,7 +192,8 @@ class SegmentationDataset(Dataset):
         return self.root / "labels" / self.split / f"{image_id}{self.label_suffix}"
 
     def load_raw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """(image (H, W, 3) uint8, label (H, W) uint8 as on disk, validated)."""
+        """(image (H, W, 3) uint8, label (H, W) uint8 (uint16 past 254 classes) as on disk,
+        validated)."""
         image_id = self.ids[index]
         image = read_image(self.image_path(image_id))
         label_path = self.label_path(image_id)
@@ -201,7 +213,8 @@ class SegmentationDataset(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         index = index % len(self)
         image, label = self.load_raw(index)
-        label = self.lut[label]
+        if label.dtype == np.uint8:  # 16-bit labels are read in eval mode only, as they are
+            label = self.lut[label]
         item: dict[str, Any] = {"id": self.ids[index], "index": index}
         if self.transform is None:
             item["image"] = normalize(image)

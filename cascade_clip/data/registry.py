@@ -18,6 +18,8 @@ from pathlib import Path
 
 from cascade_clip.errors import InputError, MissingInputError
 
+MAX_CLASSES = 65534  # 16-bit labels, 65535 = ignore (cascade_clip.data: label_ignore_index)
+
 # --- COCO-Stuff 164k ----------------------------------------------------------------
 # The stuffthingmaps PNGs hold 0-based ids 0..181 (= COCO-Stuff's 1-based label id - 1,
 # nightrome/cocostuff labels.txt) and 255 = unlabeled. Ids 0..90 are COCO's 91 thing ids
@@ -83,6 +85,33 @@ CONTEXT_59_DETAIL_IDS: tuple[tuple[str, int], ...] = (
     ("tvmonitor", 427), ("wall", 440), ("water", 445), ("window", 454), ("wood", 458),
 )  # fmt: skip
 CONTEXT_59: tuple[str, ...] = tuple(name for name, _ in CONTEXT_59_DETAIL_IDS)
+
+
+# --- the open-vocabulary suite (cross-dataset targets) ---------------------------------
+# Long class lists live in cascade_clip/data/classes/, one class per line in train-id order,
+# each file citing where its names come from; `#` lines are comments.
+
+
+def _class_file(file_name: str) -> list[str]:
+    from importlib.resources import files
+
+    text = files("cascade_clip.data").joinpath("classes", file_name).read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
+# PASCAL VOC 2012 with background (VOC-21): VOC's own indices 0..20, background first, as
+# MMSegmentation's PascalVOCDataset (CAT-Seg's voc20b puts background last; the order
+# changes no score).
+VOC_21: tuple[str, ...] = ("background", *VOC_CLASSES)
+# ADE20K-150: annotation value v -> train id v - 1, 0 ignored.
+ADE20K_150: tuple[str, ...] = tuple(_class_file("ade20k_150.txt"))
+# PASCAL Context-459: Detail category id c -> train id c - 1, unlabeled (0) ignored.
+CONTEXT_459: tuple[str, ...] = tuple(_class_file("pascal_context_459.txt"))
+# ADE20K-847: (ADE20K object class index, name) in train-id order.
+ADE20K_847_IDS: tuple[tuple[int, str], ...] = tuple(
+    (int(index), name) for index, name in (line.split("\t", 1) for line in _class_file("ade20k_847.tsv"))
+)
+ADE20K_847: tuple[str, ...] = tuple(name for _, name in ADE20K_847_IDS)
 
 
 @dataclass(frozen=True)
@@ -169,8 +198,70 @@ DATASETS: dict[str, DatasetSpec | _ShapesSpec] = {
         templates="official-multi",
         description="PASCAL Context 59: 59 classes, 4,996 train / 5,104 val",
     ),
+    # Cross-dataset targets of the open-vocabulary suite (OPEN_VOCAB_SUITE): every class
+    # seen, so no unseen split of their own.
+    "voc21": DatasetSpec(
+        name="voc21",
+        classes=VOC_21,
+        unseen=(),
+        templates="official-single",
+        description="PASCAL VOC 2012 with background: 21 classes, 10,582 train / 1,449 val "
+                    "(read from voc12's download)",
+    ),
+    "ade20k_150": DatasetSpec(
+        name="ade20k_150",
+        classes=ADE20K_150,
+        unseen=(),
+        templates="official-multi",
+        description="ADE20K-150 (ADEChallengeData2016): 150 classes, 20,210 train / 2,000 val",
+    ),
+    "pascal_context_459": DatasetSpec(
+        name="pascal_context_459",
+        classes=CONTEXT_459,
+        unseen=(),
+        templates="official-multi",
+        description="PASCAL Context-459: 459 classes, 5,104 val, 16-bit labels "
+                    "(read from pascal_context_59's download)",
+    ),
+    "ade20k_847": DatasetSpec(
+        name="ade20k_847",
+        classes=ADE20K_847,
+        unseen=(),
+        templates="official-multi",
+        description="ADE20K-847 (ADE20K_2021_17_01, registration needed): 847 classes, "
+                    "2,000 val, 16-bit labels",
+    ),
     "shapes": _ShapesSpec(),
 }
+
+# Datasets converted from another dataset's download (`cascade-clip download` fetches, and
+# `prepare` reads, <downloads>/<that dataset>/).
+DOWNLOAD_OF: dict[str, str] = {"voc21": "voc12", "pascal_context_459": "pascal_context_59"}
+
+# The open-vocabulary suite a COCO-Stuff model is judged on (workflow.open_vocab).
+OPEN_VOCAB_SUITE: tuple[str, ...] = (
+    "ade20k_150", "ade20k_847", "pascal_context_459", "pascal_context_59", "voc12", "voc21",
+)
+
+
+def download_folder(name: str) -> str:
+    """The download `name` is converted from: its own, or DOWNLOAD_OF's."""
+    return DOWNLOAD_OF.get(name, name)
+
+
+def cross_eval_targets(config: dict) -> dict[str, str]:
+    """{dataset: data root} of every cross-dataset target of a raw config: its `cross_eval`
+    list and, with `workflow.open_vocab`, every dataset of OPEN_VOCAB_SUITE not listed there,
+    prepared beside the main dataset (<parent of dataset.root>/<name>). The main dataset
+    itself is never a cross target."""
+    main = config["dataset"]["name"]
+    targets = {c["dataset"]: c["root"] for c in config.get("cross_eval") or []}
+    if (config.get("workflow") or {}).get("open_vocab"):
+        parent = Path(config["dataset"]["root"]).parent
+        for name in OPEN_VOCAB_SUITE:
+            if name != main:
+                targets.setdefault(name, str(parent / name))
+    return targets
 
 
 # Other zero-shot splits by name (`dataset.unseen: <name>`); None/absent = the paper's.
@@ -194,6 +285,11 @@ def unseen_class_names(
     """The unseen class names a config means: a list as given; None or "paper" for the
     registry's (the paper's) split; another string names a split of NAMED_SPLITS."""
     if unseen is None or unseen == PAPER_SPLIT:
+        if name not in DATASETS:
+            raise InputError(
+                f"dataset.unseen: {name} is not a registry dataset and has no split of its own; "
+                "list the classes to hold out by name (dataset.unseen: [name, ...])"
+            )
         if root is not None and not (Path(root) / "dataset.json").is_file():
             root = None
         return list(get_spec(name, root).unseen)
@@ -234,7 +330,8 @@ def dataset_template_set(name: str) -> str:
     if name not in DATASETS:
         raise InputError(
             f"clip.templates: 'dataset' has no template set for dataset {name!r} "
-            f"(known: {sorted(DATASETS)}); name a set, e.g. official-multi"
+            f"(known: {sorted(DATASETS)}); name a set, e.g. official-multi, or list your own "
+            "templates, e.g. [\"a photo of a {}.\"]"
         )
     return _spec(name).templates
 
@@ -265,8 +362,8 @@ def read_dataset_json(root: str | Path) -> dict:
         raise InputError(f"{path}: 'classes' must be a non-empty list of names")
     if len(set(classes)) != len(classes):
         raise InputError(f"{path}: 'classes' repeats a name")
-    if len(classes) > 254:
-        raise InputError(f"{path}: {len(classes)} classes; at most 254 fit a uint8 label")
+    if len(classes) > MAX_CLASSES:
+        raise InputError(f"{path}: {len(classes)} classes; at most {MAX_CLASSES} fit a 16-bit label")
     return meta
 
 
@@ -280,8 +377,16 @@ def get_spec(name: str, root: str | Path | None = None) -> DatasetSpec:
 
     For "shapes" with `root` the classes come from `<root>/dataset.json` (and the unseen
     names from its optional "unseen" key, else from the generator module). For a real
-    dataset with `root`, the dataset.json classes must equal the registry's.
+    dataset with `root`, the dataset.json classes must equal the registry's. A name the
+    registry lacks is your own dataset: with `root`, its classes come from dataset.json
+    (which must carry the same name) and it has no unseen split of its own.
     """
+    if name not in DATASETS and root is not None:
+        meta = read_dataset_json(root)
+        if meta["name"] != name:
+            raise InputError(f"{Path(root) / 'dataset.json'}: holds dataset {meta['name']!r}, the "
+                             f"config names {name!r} (dataset.name / dataset.root)")
+        return DatasetSpec(name, tuple(meta["classes"]), (), "", f"your own dataset in {root}")
     spec = _spec(name)
     if root is None:
         return DatasetSpec(spec.name, tuple(spec.classes), tuple(spec.unseen), spec.templates,

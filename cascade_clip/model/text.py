@@ -95,8 +95,15 @@ def prompt_name(class_name: str, style: str = "raw") -> str:
     raise InputError(f"clip.prompt_names must be 'raw' or 'readable', got {style!r}")
 
 
+CUSTOM_TEMPLATES = "custom"
+"""The set name of a config's own template list (`clip.templates: ["a photo of a {}."]`)."""
+
+
 def config_templates(cfg: Config) -> tuple[str, tuple[str, ...]]:
-    """(set name, templates) that `cfg` embeds its classes with."""
+    """(set name, templates) that `cfg` embeds its classes with: a named set, or the
+    config's own list of templates (set name "custom")."""
+    if isinstance(cfg.clip.templates, list):
+        return CUSTOM_TEMPLATES, tuple(cfg.clip.templates)
     name = template_set_name(cfg.clip.templates, cfg.dataset.name)
     return name, get_templates(name)
 

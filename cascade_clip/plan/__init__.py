@@ -150,14 +150,16 @@ def make_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> Plan
     raw = _raw_config(path, overrides)
     wf = workflow_settings(cfg)
     run_cfgs = run_configs(path, overrides)
+    from cascade_clip.data.registry import cross_eval_targets, download_folder
+
     datasets = {cfg.dataset.name: cfg.dataset.root}
-    for target in cfg.extra.get("cross_eval") or []:
-        datasets.setdefault(target["dataset"], target["root"])
+    for name, root in cross_eval_targets(raw).items():  # cross_eval, and the suite with open_vocab
+        datasets.setdefault(name, root)
     visual = meta_vision_tower(cfg)
     plan = Plan(str(path), cfg, raw, wf, encoder_shape(visual), datasets, run_cfgs=run_cfgs)
 
     sources = load_sources()
-    for name in datasets:
+    for name in dict.fromkeys(download_folder(n) for n in datasets):  # voc21 reads voc12's files
         for entry in sources.get(name, []):
             size = Size(entry.get("size"), bool(entry.get("size_approximate")))
             extracted = None
@@ -172,7 +174,7 @@ def make_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> Plan
     frozen = [run for run, rcfg in run_cfgs.items() if rcfg.model.encoder_mode == "frozen"]
     if frozen:
         facts = split_facts(cfg, cfg.dataset.name, cfg.dataset.root, cfg.dataset.train_split)
-        classes = num_classes(cfg.dataset.name, cfg.dataset.root)
+        classes = num_classes(cfg.dataset.name, cfg.dataset.root, cfg.dataset.source)
         id_bytes = facts.id_bytes or 16
         plan.cache = CachePlan(
             row=cache_row_for(cfg, plan.shape, classes, id_bytes), images=facts.images,

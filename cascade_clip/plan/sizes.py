@@ -24,8 +24,11 @@ KNOWN_SPLITS: dict[str, dict[str, int]] = {
     "coco_stuff_164k": {"train": 118_287, "val": 5_000},
     "voc12": {"train": 10_582, "val": 1_449},
     "pascal_context_59": {"train": 4_996, "val": 5_104},
+    "voc21": {"train": 10_582, "val": 1_449},
+    "ade20k_150": {"train": 20_210, "val": 2_000},
 }
-KNOWN_ID_BYTES = {"coco_stuff_164k": 12, "voc12": 11, "pascal_context_59": 11, "shapes": 12}
+KNOWN_ID_BYTES = {"coco_stuff_164k": 12, "voc12": 11, "pascal_context_59": 11, "shapes": 12, "voc21": 11,
+                  "ade20k_150": 18}
 # Label archives whose maps `prepare` re-indexes one to one (converted labels ~ the same size).
 LABEL_ARCHIVES = {"coco_stuff_164k": "stuffthingmaps_trainval2017.zip"}
 
@@ -275,11 +278,15 @@ def split_facts(cfg: Config, name: str, root: str, split: str) -> SplitFacts:
                       f"the published size of {name} {split}")
 
 
-def num_classes(name: str, root: str) -> int:
+def num_classes(name: str, root: str, source: dict | None = None) -> int:
     from cascade_clip.data.registry import get_spec, load_classes
 
     if (Path(root) / "dataset.json").is_file():
         return len(load_classes(root))
+    if source and source.get("classes"):  # your own folder dataset, not yet prepared
+        from cascade_clip.data.own import read_class_names
+
+        return len(read_class_names(source["classes"]))
     return get_spec(name).num_classes
 
 

@@ -13,11 +13,19 @@ images each, and every class of the dataset present somewhere (unseen ones inclu
   `train.txt`, `val.txt`). The lists overlap as the real ones do: an SBD image that is in
   VOC's val list must leave the augmented train set.
 - PASCAL Context 59: `VOCtrainval_03-May-2010.tar` (`VOCdevkit/VOC2010/JPEGImages`) and
-  `trainval_merged.json` in the Detail API's layout (images with `phase`, categories in the
-  459-class scheme, `annos_segmentation` with compressed RLE strings, later annotations
-  painting over earlier ones, categories outside the 59 that must become 255).
+  `trainval_merged.json` in the Detail API's layout (images with `phase`, all 459 categories,
+  `annos_segmentation` with compressed RLE strings, later annotations painting over earlier
+  ones; the categories outside the 59 must become 255 there, and are Context-459's classes).
+- ADE20K-150: `ADEChallengeData2016.zip` (`ADEChallengeData2016/images/{training,validation}`
+  JPEGs, `annotations/...` PNGs with 0 = other and 1..150, `sceneCategories.txt`).
+- ADE20K-847: `ADE20K_2021_17_01.zip` (`ADE20K_2021_17_01/images/ADE/{training,validation}/
+  <scene>/ADE_*.jpg` beside RGB `_seg.png` files whose R / 10 * 256 + G is the object class
+  index, B the instance; `index_ade20k.pkl`, `objects.txt`), which the user brings
+  (`sources.local`): the sources list it with its registration page and no URL.
+- VOC-21 and PASCAL Context-459 have no files of their own: VOC's and Context's mirrors are
+  theirs (`DERIVED`).
 
-`write_mirror(folder)` builds all three and a sources YAML in the packaged format (the same
+`write_mirror(folder)` builds them all and a sources YAML in the packaged format (the same
 file names and `extract_to` folders, the mirror's URL and sha256 for every file);
 `http_mirror` serves a folder on 127.0.0.1 only (HTTP Range, so resumption works too).
 `random_clip_weights` writes a seeded random open_clip CLIP's state dict (the key names of
@@ -44,7 +52,14 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from cascade_clip.data.registry import COCO_STUFF_UNUSED_IDS, CONTEXT_59_DETAIL_IDS
+from cascade_clip.data.registry import (
+    ADE20K_150,
+    ADE20K_847_IDS,
+    COCO_STUFF_UNUSED_IDS,
+    CONTEXT_59_DETAIL_IDS,
+    CONTEXT_459,
+    DOWNLOAD_OF,
+)
 from cascade_clip.download import load_sources
 
 FIXED_MTIME = 1_300_000_000  # archive members get a fixed time: the same bytes on every build
@@ -87,16 +102,25 @@ def sbd_mat_bytes(seg: np.ndarray) -> bytes:
     return header.ljust(116) + data[116:]
 
 
-def block_label(h: int, w: int, block: int, values: Sequence[int], fill: int, seed: int) -> np.ndarray:
-    """(h, w) uint8: a grid of block x block cells, each value of `values` in one cell (in an
-    order shuffled by `seed`), the remaining cells `fill`."""
+def block_label(h: int, w: int, block: int, values: Sequence[int], fill: int, seed: int,
+                dtype: type = np.uint8) -> np.ndarray:
+    """(h, w) `dtype`: a grid of block x block cells, each value of `values` in one cell (in
+    an order shuffled by `seed`), the remaining cells `fill`."""
     rows, cols = -(-h // block), -(-w // block)
     if len(values) > rows * cols:
         raise ValueError(f"{len(values)} values do not fit {rows}x{cols} cells")
-    cells = np.full(rows * cols, fill, dtype=np.uint8)
+    cells = np.full(rows * cols, fill, dtype=dtype)
     cells[: len(values)] = values
     cells = np.random.default_rng(seed).permutation(cells).reshape(rows, cols)
-    return np.kron(cells, np.ones((block, block), np.uint8))[:h, :w]
+    return np.kron(cells, np.ones((block, block), dtype))[:h, :w]
+
+
+def fitting_block(spec: MirrorSpec, count: int) -> int:
+    """The spec's block size, halved until `count` cells fit the image."""
+    block = spec.block
+    while block > 1 and -(-spec.height // block) * -(-spec.width // block) < count:
+        block //= 2
+    return block
 
 
 # --- COCO compressed RLE (the Detail API's masks) -------------------------------------------
@@ -277,9 +301,11 @@ def build_voc12(folder: Path, spec: MirrorSpec, overrides: dict[str, bytes] | No
     return out
 
 
-# Categories of the Detail API's 459-class scheme that are not among the 59: painted, then
-# mapped to 255 by the converter. (Ids and names from PASCAL Context's labels.txt.)
-CONTEXT_OTHER_CATEGORIES = ((1, "accordion"), (3, "air conditioner"), (4, "antenna"))
+# Categories of the Detail API's 459-class scheme that are not among the 59 (Context-59 maps
+# them to 255; Context-459 keeps them): id i + 1 names CONTEXT_459[i], as labels.txt.
+CONTEXT_59_IDS = {cid for _, cid in CONTEXT_59_DETAIL_IDS}
+CONTEXT_OTHER_CATEGORIES = tuple((i + 1, name) for i, name in enumerate(CONTEXT_459)
+                                 if i + 1 not in CONTEXT_59_IDS)
 
 
 def context_ids(spec: MirrorSpec) -> dict[str, list[str]]:
@@ -289,10 +315,11 @@ def context_ids(spec: MirrorSpec) -> dict[str, list[str]]:
 
 def build_context59(folder: Path, spec: MirrorSpec, overrides: dict[str, bytes] | None = None,
                     drop: Sequence[str] = ()) -> DatasetMirror:
-    """PASCAL Context 59. Per image one RLE annotation per category (the 59 and three
-    others), in cells of a block grid; unlabeled cells stay 0; a last annotation paints the
-    image's first row again with another class (later annotations win)."""
+    """PASCAL Context (59 and 459). Per image one RLE annotation per category (all 459), in
+    cells of a block grid; unlabeled cells stay 0; a last annotation paints the image's
+    first row again with another class (later annotations win)."""
     cat_ids = [cid for _, cid in CONTEXT_59_DETAIL_IDS] + [cid for cid, _ in CONTEXT_OTHER_CATEGORIES]
+    block = fitting_block(spec, len(cat_ids) + 1)
     tar_files: dict[str, bytes] = {}
     images, annos = [], []
     seed, ann_id = 300, 0
@@ -304,7 +331,8 @@ def build_context59(folder: Path, spec: MirrorSpec, overrides: dict[str, bytes] 
             numeric = int(image_id.replace("_", ""))
             images.append({"image_id": numeric, "file_name": f"{image_id}.jpg", "height": spec.height,
                            "width": spec.width, "phase": phase, "date_captured": "03-May-2010"})
-            cells = block_label(spec.height, spec.width, spec.block, list(range(len(cat_ids))), 255, seed)
+            cells = block_label(spec.height, spec.width, block, list(range(len(cat_ids))), 65535, seed,
+                                dtype=np.uint16)
             painted = [(cat_ids[v], cells == v) for v in range(len(cat_ids))]
             top = np.zeros_like(cells, dtype=bool)
             top[0] = True
@@ -337,7 +365,91 @@ def build_context59(folder: Path, spec: MirrorSpec, overrides: dict[str, bytes] 
     return out
 
 
-BUILDERS = {"coco_stuff_164k": build_coco_stuff, "voc12": build_voc12, "pascal_context_59": build_context59}
+def ade_ids(spec: MirrorSpec, prefix: str = "ADE") -> dict[str, list[str]]:
+    return {"training": [f"{prefix}_train_{k + 1:08d}" for k in range(spec.train)],
+            "validation": [f"{prefix}_val_{k + 1:08d}" for k in range(spec.val)]}
+
+
+def build_ade20k_150(folder: Path, spec: MirrorSpec, overrides: dict[str, bytes] | None = None,
+                     drop: Sequence[str] = ()) -> DatasetMirror:
+    """ADE20K-150 (SceneParsing). Annotation PNGs hold every value 1..150 and 0 (other)."""
+    block = fitting_block(spec, len(ADE20K_150) + 1)
+    files: dict[str, bytes] = {}
+    scenes = []
+    seed = 500
+    for folder_name, ids in ade_ids(spec).items():
+        for image_id in ids:
+            seed += 1
+            files[f"ADEChallengeData2016/images/{folder_name}/{image_id}.jpg"] = jpeg_bytes(
+                spec.height, spec.width, seed)
+            label = block_label(spec.height, spec.width, block, list(range(1, 151)), 0, seed)
+            files[f"ADEChallengeData2016/annotations/{folder_name}/{image_id}.png"] = png_bytes(label)
+            scenes.append(f"{image_id} street\n")
+    files["ADEChallengeData2016/sceneCategories.txt"] = "".join(scenes).encode()
+    files["ADEChallengeData2016/objectInfo150.txt"] = (
+        "Idx\tRatio\tTrain\tVal\tName\n"
+        + "".join(f"{i + 1}\t0.01\t1\t1\t{n}\n" for i, n in enumerate(ADE20K_150))
+    ).encode()
+    ids = ade_ids(spec)
+    out = DatasetMirror("ade20k_150", train_ids=ids["training"], val_ids=ids["validation"])
+    out.archives["ADEChallengeData2016.zip"] = write_zip(folder / "ADEChallengeData2016.zip",
+                                                         _edit(files, overrides, drop))
+    return out
+
+
+# Object class indices of ADE20K full that are not among the 847: the converter ignores them.
+ADE_UNLISTED_INDICES = (1, 3, 3157)
+
+
+def ade_seg_png(index: np.ndarray, seed: int) -> bytes:
+    """An ADE20K full `_seg.png`: R = index / 256 * 10 (+ 0..9, which R / 10 drops), G =
+    index % 256, B = an instance number."""
+    rng = np.random.default_rng(seed)
+    rgb = np.stack([(index // 256) * 10 + rng.integers(0, 10, index.shape), index % 256,
+                    rng.integers(0, 256, index.shape)], axis=-1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def build_ade20k_847(folder: Path, spec: MirrorSpec, overrides: dict[str, bytes] | None = None,
+                     drop: Sequence[str] = ()) -> DatasetMirror:
+    """ADE20K-847 (ADE20K_2021_17_01). Validation images hold every one of the 847 indices
+    and a few unlisted ones; training images (which the converter skips) sit beside them."""
+    import pickle
+
+    indices = [i for i, _ in ADE20K_847_IDS] + list(ADE_UNLISTED_INDICES)
+    block = fitting_block(spec, len(indices) + 1)
+    top = "ADE20K_2021_17_01"
+    files: dict[str, bytes] = {}
+    index = {"filename": [], "folder": []}
+    seed = 700
+    for split, ids in ade_ids(spec).items():
+        for k, image_id in enumerate(ids):
+            seed += 1
+            scene = f"{top}/images/ADE/{split}/urban/{'street' if k % 2 else 'alley'}"
+            files[f"{scene}/{image_id}.jpg"] = jpeg_bytes(spec.height, spec.width, seed)
+            cls = block_label(spec.height, spec.width, block, indices, 0, seed, dtype=np.uint16)
+            cls = cls.astype(np.int64)
+            files[f"{scene}/{image_id}_seg.png"] = ade_seg_png(cls, seed)
+            files[f"{scene}/{image_id}.json"] = json.dumps(
+                {"annotation": {"filename": f"{image_id}.jpg"}}).encode()
+            index["filename"].append(f"{image_id}.jpg")
+            index["folder"].append(scene)
+    files[f"{top}/index_ade20k.pkl"] = pickle.dumps(index, protocol=4)
+    files[f"{top}/objects.txt"] = "".join(f"{i}\t{n}\n" for i, n in ADE20K_847_IDS).encode()
+    ids = ade_ids(spec)
+    out = DatasetMirror("ade20k_847", val_ids=ids["validation"])
+    out.archives["ADE20K_2021_17_01.zip"] = write_zip(folder / "ADE20K_2021_17_01.zip",
+                                                      _edit(files, overrides, drop))
+    return out
+
+
+BUILDERS = {"coco_stuff_164k": build_coco_stuff, "voc12": build_voc12, "pascal_context_59": build_context59,
+            "ade20k_150": build_ade20k_150, "ade20k_847": build_ade20k_847}
+# Targets converted from another dataset's files: their mirror is that one's (val only for
+# Context-459, whose converter writes the val split alone).
+DERIVED = dict(DOWNLOAD_OF)
 
 
 def _lines(ids: Sequence[str]) -> bytes:
@@ -369,13 +481,17 @@ def write_sources(path: Path, mirrors: dict[str, DatasetMirror], url: str) -> Pa
     packaged = load_sources()
     out = {}
     for dataset, mirror in mirrors.items():
+        if dataset in DERIVED:
+            continue
         files = []
         for entry in packaged[dataset]:
             name = entry["name"]
             if name not in mirror.archives:
                 raise ValueError(f"the {dataset} mirror lacks {name}, which sources.yaml lists")
-            files.append({"name": name, "url": f"{url.rstrip('/')}/{name}", "md5": None,
-                          "sha1": None, "sha256": sha256_file(mirror.archives[name]),
+            where = ({"registration": entry["registration"]} if entry.get("registration")
+                     else {"url": f"{url.rstrip('/')}/{name}"})
+            files.append({"name": name, **where, "md5": None, "sha1": None,
+                          "sha256": sha256_file(mirror.archives[name]),
                           "extract_to": entry.get("extract_to")})
         out[dataset] = {"files": files}
     path.write_text(yaml.safe_dump(out, sort_keys=False))
@@ -386,7 +502,19 @@ def write_mirror(folder: Path, specs: dict[str, MirrorSpec] | None = None) -> di
     """All three miniatures in `folder`, side by side as on a mirror (the file names are
     distinct across datasets, and `download --base-url` fetches `<base_url>/<name>`)."""
     specs = specs or {}
-    return {name: build(folder, specs.get(name, MirrorSpec())) for name, build in BUILDERS.items()}
+    built = {name: build(folder, specs.get(name, MirrorSpec())) for name, build in BUILDERS.items()}
+    for name, source in DERIVED.items():
+        base = built[source]
+        built[name] = DatasetMirror(name, dict(base.archives), [] if name == "pascal_context_459" else
+                                    list(base.train_ids), list(base.val_ids))
+    return built
+
+
+def local_files(mirrors: dict[str, DatasetMirror]) -> list[str]:
+    """`download --local` arguments for the mirror's files that need a registration."""
+    registered = {e["name"] for files in load_sources().values() for e in files if e.get("registration")}
+    return [f"{name}={path}" for m in mirrors.values() for name, path in m.archives.items()
+            if name in registered]
 
 
 # --- a local HTTP server ------------------------------------------------------------------------

@@ -103,9 +103,13 @@ def nproc(gpus):
 CLIP_WEIGHTS = [config["clip"]["pretrained"]] if IS_SHAPES else []
 
 
-# Data roots of every dataset the workflow needs: the main one and cross-evaluation targets.
+# Data roots of every dataset the workflow needs: the main one and cross-evaluation targets
+# (`cross_eval`, and the open-vocabulary suite with workflow.open_vocab).
+from cascade_clip.data.registry import cross_eval_targets  # noqa: E402
+
+CROSS_TARGETS = cross_eval_targets(config)
 DATA_ROOTS = {DATASET: DATA_ROOT}
-DATA_ROOTS.update({c["dataset"]: c["root"] for c in config["cross_eval"]})
+DATA_ROOTS.update(CROSS_TARGETS)
 
 
 def dataset_json(name):

@@ -1,5 +1,9 @@
-# Convert downloads to the common format (images, train-id PNG labels, split lists), or
-# generate the shapes world.
+# Convert downloads to the common format (images, train-id PNG labels, split lists), convert
+# your own data (dataset.source), or generate the shapes world.
+
+from cascade_clip.data.registry import download_folder
+
+OWN_SOURCE = config["dataset"].get("source")
 
 if IS_SHAPES:
 
@@ -25,15 +29,43 @@ if IS_SHAPES:
             "> {log:q} 2>&1"
 
 
+if OWN_SOURCE:
+
+    rule prepare_own:
+        input:
+            [OWN_SOURCE[k] for k in ("images", "masks", "classes") if OWN_SOURCE.get(k)],
+            list((OWN_SOURCE.get("splits") or {}).values()),
+            list((OWN_SOURCE.get("annotations") or {}).values()),
+        output:
+            f"{DATA_ROOT}/dataset.json",
+        params:
+            config=CONFIG,
+            settings=settings("dataset.source", "dataset.name"),
+            root=lambda wc, output: str(Path(output[0]).parent),
+        log:
+            f"{LOGS}/prepare/{DATASET}.log",
+        benchmark:
+            f"{BENCH}/prepare/{DATASET}.tsv"
+        threads: WF["threads"]
+        resources:
+            mem_mb=8000,
+            runtime=6 * 60,
+        conda:
+            "../../environment.yml"
+        shell:
+            "cascade-clip prepare --config {params.config:q} --out {params.root:q} --workers {threads:q}"
+            " > {log:q} 2>&1"
+
+
 for _name, _root in DATA_ROOTS.items():
-    if _name == "shapes":
+    if _name == "shapes" or (OWN_SOURCE and _name == DATASET):
         continue
 
     rule:
         name:
             f"prepare_{_name}"
         input:
-            f"{DOWNLOADS}/{_name}/.complete",
+            f"{DOWNLOADS}/{download_folder(_name)}/.complete",
         output:
             f"{_root}/dataset.json",
         params:

@@ -1,6 +1,6 @@
 # Collect metrics, curves, examples and stage run times for `snakemake --report`.
 
-CROSS = [c["dataset"] for c in config["cross_eval"]]
+CROSS = list(CROSS_TARGETS)
 REPORT = RESULTS / "report"
 
 
@@ -35,6 +35,12 @@ rule report:
             caption="../report/examples.rst",
             category="3. Examples",
             labels={"image": "{name}"},
+        ),
+        open_vocab=report(
+            REPORT / "open_vocab.html",
+            caption="../report/open_vocab.rst",
+            category="1. Results",
+            labels={"table": "other datasets, both rules for absent classes"},
         ),
         runtimes=report(
             REPORT / "runtimes.html",
