@@ -136,13 +136,15 @@ def test_new_clip_starts_the_run_over_instead_of_failing(tmp_path, data, tiny_cl
 
 
 def test_moved_dataset_resumes(tmp_path, data, tiny_clip_config):
-    """The data moved to another folder (dataset.root edited) after a crash: the run resumes
-    and ends with the weights of an uninterrupted run."""
+    """The data copied to another folder (dataset.root edited) after a crash, with new file
+    times (a plain `cp -r`; a `mv` keeps them and is not even read again): the run resumes and
+    ends with the weights of an uninterrupted run."""
     cfg = tiny_config(data, tiny_clip_config)
     with pytest.raises(Interrupt):
         train(cfg, tmp_path / "run", on_step=crash_at(3))
     moved = tmp_path / "scratch" / "data"
-    shutil.move(data, moved)
+    shutil.copytree(data, moved, copy_function=shutil.copy)
+    shutil.rmtree(data)
     cfg.dataset.root = str(moved)
     final = train(cfg, tmp_path / "run", resume=True)
     assert resumed_at(tmp_path / "run") == [2]
