@@ -170,3 +170,33 @@ def test_self_train_edit_leaves_the_main_run_alone(tmp_path, data, tiny_clip_con
     train(st, tmp_path / "st", init=init, resume=True)
     lines = start_over_lines(capsys)
     assert len(lines) == 1 and "self_train.iters: 4 -> 5" in lines[0], lines
+
+
+def test_rebuilt_cache_resumes_and_another_cache_starts_over(tmp_path, data, tiny_clip_config, capsys):
+    """A feature cache rebuilt alike (new shard files, the same rows: what the workflow does
+    after the data moved) is the same input; one with other views is not."""
+    from cascade_clip.cache import join_shards, write_shard
+    from cascade_clip.model import CascadeCLIP, load_clip
+
+    def build_cache(cfg, name: str) -> Path:
+        torch.manual_seed(cfg.seed)  # the random tiny CLIP that train() builds with this seed
+        model = CascadeCLIP(load_clip(cfg.clip)[0], cfg.model).eval()
+        shard = write_shard(cfg, "train", (0, 1), tmp_path / name / "s.h5", model=model, progress=False,
+                            log=lambda m: None)
+        return join_shards([shard], tmp_path / name / "train.h5")
+
+    cfg = tiny_config(data, tiny_clip_config)
+    cache = build_cache(cfg, "first")
+    with pytest.raises(Interrupt):
+        train(cfg, tmp_path / "run", cache=cache, on_step=crash_at(3))
+    shutil.rmtree(tmp_path / "first")
+    cache = build_cache(cfg, "first")
+    with pytest.raises(Interrupt):
+        train(cfg, tmp_path / "run", cache=cache, resume=True, on_step=crash_at(5))
+    assert resumed_at(tmp_path / "run") == [2]
+
+    cfg.cache.views_per_image = 2  # the workflow rebuilds the cache and reruns the rule
+    capsys.readouterr()
+    train(cfg, tmp_path / "run", cache=build_cache(cfg, "second"), resume=True)
+    lines = start_over_lines(capsys)
+    assert len(lines) == 1 and "cache" in lines[0], lines
