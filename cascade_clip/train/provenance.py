@@ -11,8 +11,8 @@ Every checkpoint of a run holds `inputs` (docs/design.md: The workflow):
     dataset  sha256 of the training split: class names, image ids, label files, and the image
              files when the run reads images (through the cache they reach it as features)
 
-and `dataset_files`, a digest of those files' paths inside the dataset folder, sizes and
-modification times. A resume whose files still match it takes the recorded dataset digest
+and `dataset_files`, a digest of the class names and those files' paths inside the dataset
+folder, sizes and modification times. A resume whose files still match it takes the recorded dataset digest
 without reading them (moving the folder keeps all three); otherwise it reads them again. A
 dataset or cache a caller hands to `train()` as an object is recorded as "given", unchecked.
 """
@@ -79,9 +79,11 @@ def dataset_files(data: Any, images: bool) -> list[Path]:
     return files
 
 
-def files_fingerprint(root: Path, files: Sequence[Path]) -> str:
-    """sha256 of the files' paths relative to `root`, sizes and modification times (a stat each)."""
-    h = hashlib.sha256()
+def files_fingerprint(data: Any, files: Sequence[Path]) -> str:
+    """sha256 of the dataset's class names and the files' paths inside its folder, sizes and
+    modification times (a stat each)."""
+    h = hashlib.sha256(json.dumps(list(data.classes)).encode())
+    root = data.root
     for path in files:
         st = path.stat()
         h.update(f"{path.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -123,7 +125,7 @@ def run_inputs(
     elif not hasattr(dataset, "image_path"):  # a dataset object of the caller's
         return inputs, None
     files = dataset_files(data, read_images)
-    fingerprint = files_fingerprint(data.root, files)
+    fingerprint = files_fingerprint(data, files)
     if saved is not None and saved.get("dataset_files") == fingerprint and "inputs" in saved:
         inputs["dataset"] = saved["inputs"].get("dataset")
     else:
