@@ -27,13 +27,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cascade_clip.classes import config_unseen_names, text_embeddings
+from cascade_clip.classes import config_unseen_names
 from cascade_clip.config import Config, load_config
 from cascade_clip.data import SegmentationDataset, load_classes
 from cascade_clip.data.transforms import eval_transform
 from cascade_clip.metrics import confusion_matrix, summarize
 from cascade_clip.model import load_clip
 from cascade_clip.model.encoder import TappedEncoder
+from cascade_clip.text_cache import text_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,6 +11,9 @@ weights_only=True)` can read it without executing code):
     unseen       the unseen class names
     setting      "inductive" | "transductive" | "fully_supervised"
     clip_weights the frozen CLIP's weights digest (cascade_clip.cache.weights_digest)
+    inputs       (training runs) digests of what the run consumed: clip, text, init, cache,
+                 dataset (cascade_clip.train.provenance); a resume compares them
+    dataset_files (training runs) the dataset files' paths, sizes and times, digested
   and, in a resumable checkpoint (ckpt_last.pt) only:
     optimizer    AdamW state_dict
     scheduler    {"name": "warmup_poly", "step": step} (the lr is a function of the step)

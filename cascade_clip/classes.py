@@ -1,22 +1,19 @@
-"""Which classes a run knows, which are unseen, which it queries, and their text embeddings.
+"""Which classes a run knows, which are unseen and which it queries.
 
 Every stage asks the same questions of a config (docs/design.md: Data protocol): the cache
 writer and the loaders hide unseen classes, training queries the seen ones (inductive) or all
-(transductive, fully supervised), evaluation scores all. The answers live here, once.
+(transductive, fully supervised), evaluation scores all. The answers live here, once. Their
+text embeddings: cascade_clip.text_cache.text_embeddings.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
-from torch import nn
 
 from cascade_clip.config import Config
 from cascade_clip.data import IGNORE_INDEX, UNSEEN_INDEX
-from cascade_clip.errors import InputError
 
 SETTINGS = ("inductive", "transductive", "fully_supervised")
 
@@ -69,28 +66,3 @@ def class_split(cfg: Config, setting: str, names: tuple[str, ...] | None = None)
     seen, unseen = resolve_split(names, config_unseen_names(cfg))
     queries = seen if setting == "inductive" else list(range(len(names)))
     return ClassSplit(names, tuple(seen), tuple(unseen), tuple(queries))
-
-
-def text_embeddings(
-    cfg: Config,
-    names: tuple[str, ...],
-    text_path: str | Path | None,
-    clip: nn.Module,
-    tokenizer: Any,
-    device: torch.device,
-) -> torch.Tensor:
-    """(K_all, C) float32 class embeddings on `device`: from the text cache if given, else
-    computed now with the frozen text tower and the config's template set."""
-    if text_path is None:
-        from cascade_clip.model import config_class_embeddings
-
-        return config_class_embeddings(cfg, clip, tokenizer, names, device)
-    from cascade_clip.text_cache import load_text_embeddings
-
-    emb, cached_names = load_text_embeddings(text_path, cfg)
-    if tuple(cached_names) != tuple(names):
-        raise InputError(
-            f"{text_path}: text embeddings are for classes {list(cached_names)[:4]}..., "
-            f"the dataset has {list(names)[:4]}... ({len(cached_names)} vs {len(names)})"
-        )
-    return emb.float().to(device)

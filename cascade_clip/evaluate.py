@@ -38,13 +38,14 @@ from torch import nn
 from tqdm import tqdm
 
 from cascade_clip.checkpoint import check_checkpoint, load_checkpoint
-from cascade_clip.classes import config_unseen_names, text_embeddings
+from cascade_clip.classes import config_unseen_names
 from cascade_clip.config import Config
 from cascade_clip.distributed import DistEnv, all_reduce_max, all_reduce_sum, init_distributed, loader_workers
 from cascade_clip.errors import InputError
 from cascade_clip.inference import calibrate, predict_labels, sliding_window_scores
 from cascade_clip.metrics import confusion_matrix, summarize
 from cascade_clip.model import CascadeCLIP, TappedEncoder, load_clip
+from cascade_clip.text_cache import text_embeddings
 
 BASELINES = ("dense",)
 

@@ -4,7 +4,9 @@ Snakemake counts `resources: gpu=N` but hands a job no device ids, so two jobs r
 once would both see every GPU. `cascade-clip gpu-run --gpus N -- CMD` takes an exclusive
 lock on N free GPUs (one lock file per device, fcntl.flock, so a crashed job frees its
 GPUs), runs CMD with CUDA_VISIBLE_DEVICES naming exactly those, and releases them when CMD
-exits. With N = 0 it runs CMD as is, hiding every GPU.
+exits: SIGINT, SIGTERM and SIGHUP to gpu-run are passed on to CMD (once: CMD runs in a process
+group of its own) and gpu-run goes on waiting for it, so no job outlives its locks. With N = 0
+it runs CMD as is, hiding every GPU.
 
 The pool the N come from is the CUDA_VISIBLE_DEVICES gpu-run inherits, when it is set: a
 scheduler (SLURM, a container runtime) that gave this job `4,5,6,7`, or GPU/MIG UUIDs, gave
@@ -26,12 +28,15 @@ assignment rather than counting GPUs itself.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
+import signal
 import stat
 import subprocess
+import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
@@ -207,15 +212,81 @@ def acquire_gpus(
             os.close(fd)
 
 
+# Signals gpu-run passes on to its job and then waits: the job stops in its own way (torchrun
+# stops its workers, a trainer keeps its checkpoint) while its GPUs stay locked.
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 def run_on_gpus(
     count: int,
     command: Sequence[str],
     pool: Sequence[str] | None = None,
     lock_dir: Path | None = None,
 ) -> int:
-    """Run `command` with CUDA_VISIBLE_DEVICES set to `count` GPUs locked for its lifetime."""
+    """Run `command` with CUDA_VISIBLE_DEVICES set to `count` GPUs locked for its lifetime.
+
+    The locks outlive the job. It runs in a process group of its own, so a signal to gpu-run's
+    group (Ctrl-C in a terminal) reaches only gpu-run, which passes SIGINT, SIGTERM and SIGHUP
+    on to the job's group exactly once and waits until the job has exited, whatever it does
+    with them (torchrun stops its workers on the first and gives up on a second). On Linux,
+    a gpu-run killed outright takes its job with it (SIGTERM). Returns the job's exit status
+    (128 + N when signal N ended it, as a shell reports it).
+    """
     if not command:
         raise InputError("gpu-run needs a command after --")
     with acquire_gpus(count, pool=pool, lock_dir=lock_dir) as gpus:
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(gpus))
-        return subprocess.call(list(command), env=env)
+        with _forwarding_signals() as forward:
+            job = subprocess.Popen(list(command), env=env, process_group=0, preexec_fn=_die_with_parent())
+            forward(job)
+            status = job.wait()  # PEP 475: a handled signal does not cut the wait short
+    return 128 - status if status < 0 else status
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn asking Linux to SIGTERM the child when gpu-run dies (None elsewhere)."""
+    if sys.platform != "linux":
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+    return preexec
+
+
+@contextmanager
+def _forwarding_signals() -> Iterator[Callable[[subprocess.Popen], None]]:
+    """Handlers that pass FORWARDED_SIGNALS on to the process group of the job given to the
+    yielded callable (a signal that arrives before the job exists is passed on as it starts);
+    the previous handlers are restored after."""
+    job: list[subprocess.Popen] = []
+    pending: list[int] = []
+
+    def send(signum: int) -> None:
+        if job[0].returncode is not None:  # reaped: its group id may be someone else's now
+            return
+        try:
+            os.killpg(job[0].pid, signum)
+        except ProcessLookupError:  # the job has just exited
+            pass
+
+    def handler(signum: int, frame: object) -> None:
+        if job:
+            send(signum)
+        else:
+            pending.append(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in FORWARDED_SIGNALS}
+
+    def forward(process: subprocess.Popen) -> None:
+        job.append(process)
+        for signum in pending:
+            send(signum)
+
+    try:
+        yield forward
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

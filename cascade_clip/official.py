@@ -21,7 +21,8 @@ C the CLIP embedding width, D the decoder width (= C), T the prompt count:
 
 `import_official` maps these onto `CascadeCLIP.trainable_state_dict()` of the config's
 model, checks that the file's frozen CLIP weights are the ones the config loads, and
-writes a checkpoint that `evaluate` and `predict` load like any other. Every problem is
+writes a checkpoint that `evaluate` and `predict` load like any other, with that CLIP's
+weights digest (so they refuse it under another CLIP, as any checkpoint). Every problem is
 found before anything is written.
 """
 
@@ -227,7 +228,7 @@ def import_official(
     released model was trained as: evaluation applies the seen calibration to inductive
     models only.
     """
-    from cascade_clip.cache import file_sha256
+    from cascade_clip.cache import file_sha256, weights_digest
     from cascade_clip.checkpoint import CHECKPOINT_VERSION, save_checkpoint
     from cascade_clip.data import get_spec, load_classes
     from cascade_clip.data.registry import unseen_class_names
@@ -257,6 +258,7 @@ def import_official(
         "classes": list(names),
         "unseen": list(unseen),
         "setting": setting,
+        "clip_weights": weights_digest(cfg.clip),  # evaluate refuses it under another CLIP
         "imported_from": {"path": str(checkpoint), "sha256": file_sha256(checkpoint)},
     }
     return save_checkpoint(ckpt, out)

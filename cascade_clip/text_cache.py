@@ -10,7 +10,8 @@ Per dataset and template set, the (K, C) float32 embeddings of ALL the dataset's
 
 The file is written to `<out>.partial` and renamed. `load_text_embeddings` refuses a file
 whose model, weights, template set, templates, dataset or class names differ from the
-config, naming the field.
+config, naming the field. `text_embeddings` gives training and evaluation their class
+embeddings: from such a file, or computed now.
 """
 
 from __future__ import annotations
@@ -130,3 +131,26 @@ def load_text_embeddings(path: str | Path, cfg: Config) -> tuple[torch.Tensor, l
     if emb.dim() != 2 or emb.shape[0] != len(names) or not torch.isfinite(emb).all():
         raise CacheError(f"{path}: embeddings {tuple(emb.shape)} are malformed or non-finite")
     return emb, names
+
+
+def text_embeddings(
+    cfg: Config,
+    names: tuple[str, ...],
+    text_path: str | Path | None,
+    clip: torch.nn.Module,
+    tokenizer: Any,
+    device: torch.device,
+) -> torch.Tensor:
+    """(K_all, C) float32 class embeddings on `device`: from the text cache if given, else
+    computed now with the frozen text tower and the config's template set."""
+    if text_path is None:
+        from cascade_clip.model import config_class_embeddings
+
+        return config_class_embeddings(cfg, clip, tokenizer, names, device)
+    emb, cached_names = load_text_embeddings(text_path, cfg)
+    if tuple(cached_names) != tuple(names):
+        raise InputError(
+            f"{text_path}: text embeddings are for classes {list(cached_names)[:4]}..., "
+            f"the dataset has {list(names)[:4]}... ({len(cached_names)} vs {len(names)})"
+        )
+    return emb.float().to(device)

@@ -425,3 +425,106 @@ def test_text_embeddings_provenance(world, tmp_path):
     (tmp_path / "bad.h5").write_bytes(b"x" * 10)
     with pytest.raises(CacheError, match="bad.h5"):
         load_text_embeddings(tmp_path / "bad.h5", cfg)
+
+
+# --- what changes the features is compared (issue 24) ----------------------------------------
+
+
+def _config_keys(node: type, prefix: str) -> list[str]:
+    """Dotted keys of a config dataclass, nested sections walked."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(node)
+    keys = []
+    for f in dataclasses.fields(node):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            keys += _config_keys(kind, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+# A value other than the world's for every key that changes what the encoder writes: a cache
+# written before must be refused under it. A key added to provenance.FEATURE_KEYS needs one here.
+OTHER_VALUE = {
+    "seed": 4,
+    "clip.model": "other",
+    "clip.pretrained": "random",
+    "clip.model_config": dict(__import__("cascade_clip.testing").testing.TINY_CLIP_CONFIG, embed_dim=16),
+    "clip.image_size": 40,
+    "clip.pos_resize": "bicubic",
+    "model.stages": [[1, 2], [4]],
+    "model.tap_projection": "clip",
+    "model.tap_seed": 7,
+    "model.cls_token": "standard",
+    "dataset.name": "other",
+    "dataset.unseen": ["dog"],
+    "dataset.train_split": "val",
+    "cache.views_per_image": 3,
+    **{f"train.augment.{k}": v for k, v in {
+        "scale": [80, 40], "ratio_range": [0.75, 1.5], "crop_size": 40, "cat_max_ratio": 0.5,
+        "flip": False, "photometric": False}.items()},
+}
+
+
+def test_every_key_that_changes_the_features_is_compared(world, joined):
+    """Every key of the sections a cache row depends on (clip, model, dataset, cache,
+    train.augment, seed) is classified in cache/provenance.py: recorded and compared, or listed
+    as not changing the features. A new config key fails here until someone classifies it.
+    Before issue 24, `cls_token` and `pos_resize` were written but never compared."""
+    from cascade_clip.cache.provenance import FEATURE_KEYS, NOT_FEATURE_KEYS, PROVENANCE_FIELDS
+    from cascade_clip.config import (
+        AugmentConfig,
+        CacheConfig,
+        ClipConfig,
+        DatasetConfig,
+        ModelConfig,
+    )
+
+    keys = ["seed"]
+    for section, node in (("clip", ClipConfig), ("model", ModelConfig), ("dataset", DatasetConfig),
+                          ("cache", CacheConfig), ("train.augment", AugmentConfig)):
+        keys += _config_keys(node, f"{section}.")
+    unclassified = [k for k in keys if (k in FEATURE_KEYS) == (k in NOT_FEATURE_KEYS)]
+    assert unclassified == [], "classify them in cascade_clip/cache/provenance.py"
+    assert set(FEATURE_KEYS) | set(NOT_FEATURE_KEYS) == set(keys)  # no stale names either
+    assert set(FEATURE_KEYS.values()) <= set(PROVENANCE_FIELDS)
+    assert sorted(OTHER_VALUE) == sorted(FEATURE_KEYS)
+
+    attrs, ids = open_layout(joined["index"]).attrs, SegmentationDataset(world["root"], "train").ids
+    for key, value in OTHER_VALUE.items():
+        cfg = _cfg(world, **{key: value})
+        wanted = cache.provenance(cfg, cfg.dataset.train_split, ids)  # what the reader asks for
+        with pytest.raises(CacheMismatchError, match=f"'{FEATURE_KEYS[key]}'"):
+            cache.check_provenance(attrs, wanted, joined["index"])
+
+
+def test_partial_and_shard_of_another_cls_token_are_not_used(world, joined, tmp_path, monkeypatch):
+    """A `.partial` left by a writer under `cls_token: standard` is discarded, not resumed into
+    a shard of mixed rows; a complete shard of that setting is refused, not 'already complete'."""
+    standard = _cfg(world, **{"model.cls_token": "standard"})
+    model = cache.build_model(standard)
+    out = tmp_path / "shard-0-of-2.h5"
+    real = cache_write._mark_done
+
+    def stop_after_first_batch(f, start, stop):
+        real(f, start, stop)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache_write, "_mark_done", stop_after_first_batch)
+    with pytest.raises(KeyboardInterrupt):
+        write_shard(standard, "train", (0, 2), out, model=model, progress=False, log=_quiet)
+    monkeypatch.undo()
+    assert cache.partial_path(out).exists()
+    logs = []
+    write_shard(world["cfg"], "train", (0, 2), out, model=world["model"], progress=False, log=logs.append)
+    assert any("discarding" in m and "cls_token" in m for m in logs), logs
+    with h5py.File(out) as a, h5py.File(joined["shards"][0]) as b:
+        np.testing.assert_array_equal(a["taps"][:], b["taps"][:])
+
+    other = write_shard(standard, "train", (0, 2), tmp_path / "standard.h5", model=model, progress=False,
+                        log=_quiet)
+    with pytest.raises(CacheMismatchError, match="'cls_token'"):
+        write_shard(world["cfg"], "train", (0, 2), other, model=world["model"], progress=False, log=_quiet)

@@ -30,7 +30,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, cfg, run_dir: Path, eval_ckpt: Path, eval_dir: Path) -> None:
+class Crash(Exception):
+    pass
+
+
+def _worker(rank: int, world: int, port: int, cfg, run_dir: Path, eval_ckpt: Path, eval_dir: Path,
+            cut_cfg, cut_dir: Path) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -41,16 +46,40 @@ def _worker(rank: int, world: int, port: int, cfg, run_dir: Path, eval_ckpt: Pat
     from cascade_clip.distributed import cleanup
     from cascade_clip.evaluate import evaluate
     from cascade_clip.train import train
+    from cascade_clip.train.checkpointing import RunFiles
 
     torch.set_num_threads(1)  # two processes on a small shared machine: no oversubscription
     try:
         train(cfg, run_dir, device="cpu")
         evaluate(cfg, eval_dir, checkpoint=eval_ckpt, device="cpu")
+
+        # A second run crashes after step 3 (ckpt_last.pt at step 2), then resumes while
+        # rank 1's view of the shared folder has lost ckpt_last.pt (a stale entry): rank 0
+        # decides, rank 1 cannot follow, and both stop with the same error.
+        def crash(step: int) -> None:
+            if step == 3:
+                raise Crash
+
+        try:
+            train(cut_cfg, cut_dir, device="cpu", on_step=crash)
+        except Crash:
+            pass
+        last = RunFiles.last
+        if rank == 1:
+            RunFiles.last = property(lambda files: files.dir / "stale" / "ckpt_last.pt")
+        try:
+            train(cut_cfg, cut_dir, device="cpu", resume=True)
+        except ValueError as err:
+            (cut_dir / f"error{rank}.txt").write_text(str(err))
+        finally:
+            RunFiles.last = last
     finally:
         cleanup()
 
 
 def test_two_processes_match_one_with_double_batch(tmp_path, tiny_clip_config):
+    """... and a run they leave half done resumes on one process; rank 0 alone decides whether
+    a run resumes (the others follow or every rank stops with one error)."""
     from cascade_clip.evaluate import evaluate
     from cascade_clip.train import train
 
@@ -61,7 +90,8 @@ def test_two_processes_match_one_with_double_batch(tmp_path, tiny_clip_config):
     evaluate(single, tmp_path / "eval1", checkpoint=single_ckpt, device="cpu")
 
     pair = tiny_config(root, tiny_clip_config, batch_size=b, iters=iters, checkpoint_interval=2)
-    args = (2, free_port(), pair, tmp_path / "pair", single_ckpt, tmp_path / "eval2")
+    cut, cut_cfg = tmp_path / "cut", tiny_config(root, tiny_clip_config, batch_size=b, iters=5)
+    args = (2, free_port(), pair, tmp_path / "pair", single_ckpt, tmp_path / "eval2", cut_cfg, cut)
     mp.spawn(_worker, args=args, nprocs=2, join=True)
 
     a, c = trainable(single_ckpt), trainable(tmp_path / "pair" / "model_final.pt")
@@ -87,6 +117,21 @@ def test_two_processes_match_one_with_double_batch(tmp_path, tiny_clip_config):
     assert (tmp_path / "eval1" / "per_class.csv").read_text() == (
         tmp_path / "eval2" / "per_class.csv"
     ).read_text()
+
+    # The half-done run: rank 1 could not follow rank 0's resume, so neither went on (before
+    # issue 24 each rank decided alone: one resumed, the other started over), and nothing in
+    # the folder was touched; resumed on one process, it continues from step 2.
+    errors = [(cut / f"error{r}.txt").read_text() for r in (0, 1)]
+    assert all("ckpt_last.pt: rank 0 resumes from step 2, but rank 1 cannot read it" in e for e in errors)
+    assert torch.load(cut / "ckpt_last.pt", weights_only=True)["step"] == 2
+    log = [json.loads(line) for line in (cut / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    train(cut_cfg, cut, resume=True, device="cpu")
+    log = [json.loads(line) for line in (cut / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5]
+    assert [r for r in log if "event" in r] == [
+        {"step": 2, "event": "resume", "world_size": 1, "saved_world_size": 2}
+    ]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="NCCL, bf16 autocast, compiled Triton: GPU only")

@@ -243,3 +243,97 @@ def test_lock_dir_of_another_user_is_refused(tmp_path):
     with pytest.raises(GpuLockDirError, match="belongs to uid 65534"):
         with acquire_gpus(1, pool=["0"], lock_dir=theirs):
             pass
+
+
+# --- a job's GPUs stay locked until the job is gone (issue 24) -------------------------------
+
+# A job that needs a moment to stop: each SIGINT or SIGTERM it gets is appended to `got`; on the
+# first it goes on for 1 s (a trainer saving its state, torchrun stopping its workers), writes
+# `done` and exits 3.
+SLOW_TO_STOP = """
+import os, signal, sys, time
+from pathlib import Path
+out = Path(sys.argv[1])
+def stop(signum, frame):
+    with open(out / "got", "a") as f:
+        f.write(signal.Signals(signum).name + "\\n")
+    if signum != signal.SIGINT or not (out / "stopping").exists():
+        (out / "stopping").touch()
+        time.sleep(1.0)
+        (out / "done").touch()
+        sys.exit(3)
+signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGTERM, stop)
+(out / "pid").write_text(str(os.getpid()))
+time.sleep(60)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _start_slow_job(tmp_path: Path) -> tuple[subprocess.Popen, int]:
+    """`cascade-clip gpu-run --gpus 1 -- SLOW_TO_STOP` in a process group of its own (as a
+    terminal runs a command), and the job's pid once it runs."""
+    script = tmp_path / "job.py"
+    script.write_text(SLOW_TO_STOP)
+    gpu_run = subprocess.Popen(
+        [sys.executable, "-m", "cascade_clip.cli", "gpu-run", "--gpus", "1", "--", sys.executable,
+         str(script), str(tmp_path)], env=gpu_run_env(tmp_path, "0"), process_group=0)
+    return gpu_run, int(wait_for(tmp_path / "pid"))
+
+
+@pytest.mark.parametrize("how", ["SIGINT to the group", "SIGTERM to gpu-run"])
+def test_gpu_run_forwards_a_signal_and_holds_the_gpus_until_its_job_exits(tmp_path, how):
+    """Ctrl-C in a terminal (SIGINT to the whole process group) or SIGTERM to gpu-run reaches
+    the job exactly once, and gpu-run waits for the job with its GPU still locked (no second
+    job gets it meanwhile); nothing outlives it. Before issue 24, SIGTERM left the job running
+    with its GPU unlocked, and SIGINT SIGKILLed the job."""
+    import signal
+
+    name, target = how.split(" to ")
+    gpu_run, child = _start_slow_job(tmp_path)
+    try:
+        signum = getattr(signal, name)
+        if target == "the group":
+            os.killpg(gpu_run.pid, signum)
+        else:
+            gpu_run.send_signal(signum)
+        assert wait_for(tmp_path / "stopping", timeout=10) == ""
+        assert gpu_run.poll() is None  # still waiting for its job
+        with pytest.raises(TimeoutError):  # ... and still holding its GPU
+            with acquire_gpus(1, pool=["0"], lock_dir=tmp_path / "locks", timeout=0.1, poll=0.05):
+                pass
+        assert gpu_run.wait(timeout=30) == 3  # the job's own exit status
+        assert (tmp_path / "got").read_text().split() == [name]  # once, not twice
+        assert (tmp_path / "done").exists() and not _alive(child)
+        with acquire_gpus(1, pool=["0"], lock_dir=tmp_path / "locks", timeout=5, poll=0.05):
+            pass
+    finally:
+        gpu_run.kill()
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+def test_a_killed_gpu_run_takes_its_job_with_it(tmp_path):
+    import signal
+
+    gpu_run, child = _start_slow_job(tmp_path)
+    try:
+        gpu_run.kill()
+        gpu_run.wait(timeout=10)
+        assert wait_for(tmp_path / "done", timeout=10) == ""
+        assert (tmp_path / "got").read_text().split() == ["SIGTERM"]
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child)
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)

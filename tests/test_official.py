@@ -387,3 +387,23 @@ def test_real_configs_build_the_release_model():
         )
         assert not cfg.train.amp and cfg.train.batch_size == 4 and math.isclose(cfg.train.lr, 2e-4)
     assert load_config(root / "voc.yaml").self_train.batch_size == 8
+
+
+def test_imported_checkpoint_records_its_clip_and_evaluate_checks_it(release, tmp_path):
+    """import-official writes the CLIP's weights digest, so evaluating the imported model
+    under another CLIP of the same architecture is refused by name (before issue 24 it ran)."""
+    import dataclasses
+
+    from cascade_clip.evaluate import load_model
+    from cascade_clip.official import import_official
+
+    cfg, _, path, _, clip = release
+    weights = tmp_path / "clip.pt"
+    torch.save(clip.state_dict(), weights)
+    cfg = dataclasses.replace(cfg, clip=dataclasses.replace(cfg.clip, pretrained=str(weights)))
+    out = import_official(cfg, path, tmp_path / "imported.pt")
+    load_model(cfg, out, None, torch.device("cpu"))  # its own CLIP: fine
+    moved = {k: v + 0.01 if k == "visual.proj" else v for k, v in clip.state_dict().items()}
+    torch.save(moved, weights)  # the same architecture, other weights
+    with pytest.raises(ValueError, match="imported.pt: trained on another CLIP"):
+        load_model(cfg, out, None, torch.device("cpu"))

@@ -24,6 +24,44 @@ PARTIAL_SUFFIX = ".partial"
 VIEW_BYTES = 512
 GLOBAL_CHUNK_ROWS = 256
 
+# Every config key a cache row could depend on, classified once, here. FEATURE_KEYS change
+# what the encoder writes into a row (or which rows there are): each names the provenance
+# attribute that records it, compared whenever a cache is written, resumed, joined or read.
+# NOT_FEATURE_KEYS do not. tests/test_cache.py walks the config sections and fails on a key
+# that is in neither, so a new key is classified before a cache can silently ignore it.
+FEATURE_KEYS = {
+    "seed": "seed",  # draws the cached views
+    "clip.model": "model",
+    "clip.pretrained": "weights_digest",
+    "clip.model_config": "weights_digest",
+    "clip.image_size": "input_size",  # the positional grid; the crop (augment) must match it
+    "clip.pos_resize": "pos_resize",
+    "model.stages": "tapped_blocks",
+    "model.tap_projection": "tap_projection",
+    "model.tap_seed": "tap_seed",
+    "model.cls_token": "cls_token",
+    "dataset.name": "dataset",
+    "dataset.unseen": "unseen",  # the crop test sees unseen classes as ignore
+    "dataset.train_split": "split",
+    "cache.views_per_image": "views_per_image",
+    **{f"train.augment.{key}": "augment" for key in
+       ("scale", "ratio_range", "crop_size", "cat_max_ratio", "flip", "photometric")},
+}
+NOT_FEATURE_KEYS = (
+    "clip.templates", "clip.prompt_names",  # the text side
+    "dataset.root",  # where the images lie; the image list and the features say what they are
+    "dataset.val_split",  # never cached
+    "dataset.drop_unseen_images",  # the reader leaves rows out, from the cached class presence
+    "cache.compression", "cache.batch_size",  # how rows are stored and encoded, not their values
+    "model.encoder_mode",  # a cache is written by the frozen encoder only
+    "model.vpt_tokens", "model.vpt_prompt_norm",  # prompt tuning, never cached
+    # the head, after the cache
+    "model.fusion", "model.nga_sigma", "model.nga_learnable", "model.query_projection",
+    "model.relationship_descriptor", "model.cascade", "model.seen_calibration",
+    "model.decoder.layers", "model.decoder.heads", "model.decoder.ffn_dim", "model.decoder.dropout",
+    "model.decoder.input_adapter",
+)
+
 # Provenance fields compared when a cache is opened against a config. `tapped_blocks` is
 # compared as "the cache holds every block the config taps" (ablations may tap a subset).
 PROVENANCE_FIELDS = (
@@ -33,6 +71,8 @@ PROVENANCE_FIELDS = (
     "tapped_blocks",
     "tap_projection",
     "tap_seed",
+    "cls_token",
+    "pos_resize",
     "input_size",
     "mean",
     "std",
@@ -139,7 +179,7 @@ def provenance(cfg: Config, split: str, image_ids: Sequence[str]) -> dict[str, A
         "tap_seed": int(cfg.model.tap_seed),
         "cls_token": cfg.model.cls_token,
         "pos_resize": cfg.clip.pos_resize,
-        "input_size": int(cfg.train.augment.crop_size),
+        "input_size": int(cfg.clip.image_size),  # = the crop size: the writer refuses others
         "mean": [float(v) for v in IMAGENET_MEAN],
         "std": [float(v) for v in IMAGENET_STD],
         "dataset": cfg.dataset.name,

@@ -10,12 +10,16 @@ Files written by rank 0 in the run directory DIR:
   DIR/model_final.pt  final weights
 
 A resumed run continues the global sample stream, the optimiser and every rank's random
-generators where ckpt_last.pt left them; a folder written for another recipe starts over.
+generators where ckpt_last.pt left them. A folder written for another recipe, or from other
+inputs (cascade_clip.train.provenance: the CLIP, text embeddings, --init weights, feature
+cache, dataset), starts over, also when that run had finished. Rank 0 decides; the other
+ranks follow it or the run stops.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +37,11 @@ from cascade_clip.checkpoint import (
 )
 from cascade_clip.classes import ClassSplit
 from cascade_clip.config import Config, config_to_dict
-from cascade_clip.distributed import DistEnv, all_gather_object
-from cascade_clip.errors import InputError
+from cascade_clip.distributed import DistEnv, all_gather_object, broadcast_object
+from cascade_clip.errors import CascadeClipError, InputError
 from cascade_clip.model import CascadeCLIP
 from cascade_clip.train.inputs import training_seed
+from cascade_clip.train.provenance import input_changes
 
 
 @dataclass(frozen=True)
@@ -79,17 +84,30 @@ class Progress:
 
 # train-section keys that change how a run goes, not what it trains: a run resumes across them
 RUNTIME_KEYS = ("num_workers", "prefetch_factor", "log_interval", "checkpoint_interval", "compile")
+# Keys that name where an input lies, not what it holds (the inputs' digests hold that): the
+# data's folder, the CLIP's weights and model-config files.
+LOCATION_KEYS = {"dataset": ("root",), "clip": ("pretrained", "model_config")}
 
 
 def recipe_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """What differs between the config a checkpoint was written with and this one, in what a
-    run trains (seed, CLIP, model, data, schedule): "train.iters: 1000 -> 1200"."""
+    run trains (seed, CLIP, model, data, schedule): "train.iters: 1000 -> 1200". The
+    self-training schedule (`self_train.*`) belongs to the transductive run; of it, an
+    inductive run depends only on `start_fraction` (where it writes ckpt_half.pt)."""
+    transductive = current.get("train", {}).get("setting") == "transductive"
 
     def recipe(config: dict[str, Any]) -> dict[str, Any]:
-        train = {k: v for k, v in config.get("train", {}).items() if k not in RUNTIME_KEYS}
-        model = {k: v for k, v in config.get("model", {}).items() if k != "seen_calibration"}
-        keys = ("seed", "clip", "dataset", "self_train")
-        return {**{k: config.get(k) for k in keys}, "train": train, "model": model}
+        out = {"seed": config.get("seed")}
+        for section in ("clip", "dataset"):
+            dropped = LOCATION_KEYS[section]
+            out[section] = {k: v for k, v in config.get(section, {}).items() if k not in dropped}
+        out["train"] = {k: v for k, v in config.get("train", {}).items() if k not in RUNTIME_KEYS}
+        out["model"] = {k: v for k, v in config.get("model", {}).items() if k != "seen_calibration"}
+        self_train = config.get("self_train", {})
+        if not transductive:
+            self_train = {"start_fraction": self_train.get("start_fraction")}
+        out["self_train"] = self_train
+        return out
 
     def flat(node: Any, prefix: str = "") -> dict[str, Any]:
         if not isinstance(node, dict):
@@ -112,9 +130,12 @@ def checkpoint_state(
     step: int,
     elapsed: float,
     clip_weights: str,
+    record: dict[str, Any],
 ) -> dict[str, Any]:
-    """The weights-only part of a checkpoint (what evaluation and --init need)."""
+    """The weights-only part of a checkpoint (what evaluation and --init need), with the
+    run's `record` of what it consumed (`inputs`, `dataset_files`)."""
     return {
+        **record,
         "version": CHECKPOINT_VERSION,
         "model": {k: v.detach().cpu() for k, v in model.trainable_state_dict().items()},
         "config": config_to_dict(cfg),
@@ -141,17 +162,73 @@ def truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def resumable_state(files: RunFiles, cfg: Config, env: DistEnv) -> dict[str, Any] | None:
-    """DIR/ckpt_last.pt's state when it exists and was written for this recipe, else None. A
-    folder left by another recipe (the workflow reruns a rule after a config edit) is started
-    over, with a message."""
-    if not files.last.is_file():
-        return None
-    state = load_checkpoint(files.last)
-    changed = recipe_changes(state["config"], config_to_dict(cfg))
-    if changed and env.is_main:
-        print(f"{files.last}: written for another config ({'; '.join(changed[:3])}); starting this run over")
-    return None if changed else state
+def resumable_state(
+    files: RunFiles,
+    cfg: Config,
+    env: DistEnv,
+    resume: bool,
+    consumed: Callable[[dict[str, Any] | None], dict[str, Any]],
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(DIR/ckpt_last.pt's state to resume from, or None to start; this run's record).
+
+    Rank 0 decides: with `resume`, it continues ckpt_last.pt when that was written for this
+    recipe and from these inputs (`consumed(saved)` is this run's record, asked of rank 0
+    only); else the run starts over, with one line saying what changed (the workflow reruns a
+    rule after a config edit or when an input was remade). The other ranks follow rank 0's
+    decision, each reading ckpt_last.pt itself; one that cannot find rank 0's step there stops
+    every rank with one error before anything is written.
+    """
+    state, record, decision = None, None, {"step": None, "error": None}
+    if env.is_main:
+        try:
+            saved = load_checkpoint(files.last) if resume and files.last.is_file() else None
+            record = consumed(saved)
+            why = "" if saved is None else _not_resumable(saved, cfg, record)
+            if why:
+                print(f"{files.last}: written for {why}; starting this run over")
+            state = None if why else saved
+        except Exception as err:
+            decision["error"] = f"{type(err).__name__}: {err}"
+            broadcast_object(decision)  # the other ranks stop too, instead of waiting
+            raise
+        decision["step"] = None if state is None else int(state["step"])
+    decision = broadcast_object(decision)
+    if decision["error"] is not None:
+        raise InputError(f"{files.last}: rank 0 could not decide whether to resume ({decision['error']})")
+    if env.distributed:
+        problem = None
+        if not env.is_main and decision["step"] is not None:
+            state, problem = _follow(files.last, decision["step"], env.rank)
+        problems = [p for p in all_gather_object(problem) if p]
+        if problems:
+            raise InputError(
+                f"{files.last}: rank 0 resumes from step {decision['step']}, but {'; '.join(problems)}; "
+                "every rank must see the run folder alike (one shared file system)"
+            )
+    return state, record
+
+
+def _not_resumable(saved: dict[str, Any], cfg: Config, record: dict[str, Any]) -> str:
+    """Why a run must not continue `saved` ("another config (...) and other inputs (...)"), or ""."""
+    why = []
+    changed = recipe_changes(saved["config"], config_to_dict(cfg))
+    if changed:
+        why.append(f"another config ({'; '.join(changed[:3])})")
+    inputs = input_changes(saved.get("inputs"), record["inputs"])
+    if inputs:
+        why.append(f"other inputs ({'; '.join(inputs)})")
+    return " and ".join(why)
+
+
+def _follow(path: Path, step: int, rank: int) -> tuple[dict[str, Any] | None, str | None]:
+    """A rank other than 0: (its own read of ckpt_last.pt, None), or (None, why it cannot follow)."""
+    try:
+        state = load_checkpoint(path)
+    except CascadeClipError as err:
+        return None, f"rank {rank} cannot read it ({err})"
+    if int(state["step"]) != step:
+        return None, f"rank {rank} finds step {state['step']} in it"
+    return state, None
 
 
 class Checkpointer:
@@ -170,11 +247,12 @@ class Checkpointer:
         split: ClassSplit,
         setting: str,
         clip_weights: str,
+        record: dict[str, Any] | None,
         env: DistEnv,
     ):
         self.files, self.model, self.optimizer = files, model, optimizer
         self.cfg, self.split, self.setting = cfg, split, setting
-        self.clip_weights, self.env = clip_weights, env
+        self.clip_weights, self.record, self.env = clip_weights, record or {}, env
 
     def start(self) -> Progress:
         """A fresh run: step 0, an empty log."""
@@ -224,7 +302,8 @@ class Checkpointer:
         if not self.env.is_main:
             return
         state = checkpoint_state(
-            self.model, self.cfg, self.split, self.setting, progress.step, elapsed, self.clip_weights
+            self.model, self.cfg, self.split, self.setting, progress.step, elapsed, self.clip_weights,
+            self.record,
         )
         if full:
             state["optimizer"] = self.optimizer.state_dict()

@@ -12,13 +12,14 @@ from tqdm import tqdm
 
 from cascade_clip.cache import weights_digest
 from cascade_clip.checkpoint import check_checkpoint, load_checkpoint
-from cascade_clip.classes import SETTINGS, ClassSplit, class_split, text_embeddings
+from cascade_clip.classes import SETTINGS, ClassSplit, class_split
 from cascade_clip.config import Config
 from cascade_clip.data import IGNORE_INDEX
 from cascade_clip.distributed import DistEnv, all_reduce_mean, init_distributed, wrap_ddp
 from cascade_clip.errors import CascadeClipError, InputError
 from cascade_clip.kernels.seg_loss import sigmoid_focal_dice_loss
 from cascade_clip.model import CascadeCLIP, load_clip
+from cascade_clip.text_cache import text_embeddings
 from cascade_clip.train.checkpointing import (
     Checkpointer,
     Progress,
@@ -34,6 +35,7 @@ from cascade_clip.train.inputs import (
     make_loader,
     training_seed,
 )
+from cascade_clip.train.provenance import run_inputs
 from cascade_clip.train.step import (
     CompiledStep,
     TrainStep,
@@ -74,9 +76,8 @@ def train(
     iters = cfg.self_train.iters if setting == "transductive" else cfg.train.iters
     half_step = max(1, int(iters * cfg.self_train.start_fraction))
 
-    # 1. processes and seeds; a run folder left by another recipe is started over, not resumed
+    # 1. processes and seeds
     env = init_distributed(device)
-    resume_state = resumable_state(files, cfg, env) if resume else None
     torch.manual_seed(training_seed(cfg))
     if env.is_main:
         write_run_config(files, cfg)
@@ -93,13 +94,10 @@ def train(
             f"{cfg.clip.image_size} (the encoder's input)"
         )
     model, queries = build_model(cfg, split, text, env)
-    if init is not None and resume_state is None:
-        state = load_checkpoint(init)
-        check_checkpoint(state, cfg, init, split.names, split.unseen_names)
-        model.load_trainable_state_dict(state["model"])
-    model.train()
-    step_module: nn.Module = wrap_ddp(TrainStep(model), env) if env.distributed else TrainStep(model)
-    step_fn = CompiledStep(step_module, cfg.train.compile)
+    init_state = None
+    if init is not None:
+        init_state = load_checkpoint(init)
+        check_checkpoint(init_state, cfg, init, split.names, split.unseen_names)
 
     # 4. data
     if dataset is None:
@@ -109,15 +107,29 @@ def train(
     if len(dataset) < batch_size:
         raise InputError(f"{cache or cfg.dataset.root}: {len(dataset)} items, fewer than one batch")
 
-    # 5. optimiser (the lr is set every step from `learning_rate`)
+    # 5. resume, or start: rank 0 compares DIR/ckpt_last.pt with this recipe and what this run
+    #    consumes (cascade_clip.train.provenance); a run left by another recipe or other inputs
+    #    is started over, not resumed
+    clip_weights = weights_digest(cfg.clip)
+
+    def record_inputs(saved: dict | None) -> dict:
+        inputs, files_fingerprint = run_inputs(clip_weights, queries, init_state, dataset, saved)
+        return {"inputs": inputs, "dataset_files": files_fingerprint}
+
+    resume_state, record = resumable_state(files, cfg, env, resume, record_inputs)
+    if init_state is not None and resume_state is None:
+        model.load_trainable_state_dict(init_state["model"])
+    model.train()
+    step_module: nn.Module = wrap_ddp(TrainStep(model), env) if env.distributed else TrainStep(model)
+    step_fn = CompiledStep(step_module, cfg.train.compile)
+
+    # 6. optimiser (the lr is set every step from `learning_rate`); start, or resume
     params = [p for p in model.parameters() if p.requires_grad]
     # Fused AdamW: one kernel for all parameters (demo head, one CPU thread: 1.4 ms a step
     # against 5.3 ms for the default loop over tensors)
     fused = env.device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused)
-
-    # 6. start, or resume from DIR/ckpt_last.pt
-    ckpt = Checkpointer(files, model, optimizer, cfg, split, setting, weights_digest(cfg.clip), env)
+    ckpt = Checkpointer(files, model, optimizer, cfg, split, setting, clip_weights, record, env)
     progress = ckpt.start() if resume_state is None else ckpt.resume(resume_state, half_step)
     batches = iter(make_loader(dataset, cfg, env, consumed=progress.consumed, batch_size=batch_size))
 

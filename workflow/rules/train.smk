@@ -15,7 +15,8 @@ rule train:
         run="|".join(TRAIN_RUNS),
     params:
         config=CONFIG,
-        settings=settings("seed", "clip", "model", "dataset", "train", "cache"),
+        # self_train.start_fraction places the run's ckpt_half.pt, where self-training starts
+        settings=settings("seed", "clip", "model", "dataset", "train", "cache", "self_train.start_fraction"),
         overrides=lambda wc: overrides(run_overrides(wc.run)),
         cache=cache_arg,
         launch=launcher,
