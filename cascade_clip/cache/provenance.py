@@ -17,7 +17,8 @@ from cascade_clip.classes import config_unseen_names
 from cascade_clip.config import ClipConfig, Config
 from cascade_clip.errors import InputError, MissingInputError
 
-CACHE_FORMAT_VERSION = 1
+# 2: cache.encoding (int8 taps), per-row checksums, shards verified when written
+CACHE_FORMAT_VERSION = 2
 SHARD_KIND = "cascade-clip/feature-shard"
 INDEX_KIND = "cascade-clip/feature-index"
 PARTIAL_SUFFIX = ".partial"
@@ -44,6 +45,7 @@ PROVENANCE_FIELDS = (
     "seed",
     "views_per_image",
     "augment",
+    "encoding",
 )
 
 
@@ -150,6 +152,7 @@ def provenance(cfg: Config, split: str, image_ids: Sequence[str]) -> dict[str, A
         "seed": int(cfg.seed),
         "views_per_image": int(cfg.cache.views_per_image),
         "augment": _canonical_json(dataclasses.asdict(cfg.train.augment)),
+        "encoding": cfg.cache.encoding,
     }
 
 
