@@ -567,3 +567,17 @@ def test_join_checks_a_sample_not_every_row(world, joined, tmp_path, monkeypatch
     # what the sample never skips: the config's provenance
     bad = ["cache-verify", "--config", cfg_path, "--set", "seed=4", "--cache", str(index), "--sample", "2"]
     assert cli_main(bad) == 2 and "'seed'" in capsys.readouterr().err
+
+
+def test_cache_enabled_false_trains_from_images(world, joined):
+    """`cache.enabled: false`: the frozen run's training items are augmented images (the
+    encoder runs online), and a cache given anyway is refused by name."""
+    from cascade_clip.errors import InputError
+    from cascade_clip.train.inputs import build_train_dataset
+
+    off = _cfg(world, **{"cache.enabled": False})
+    items = build_train_dataset(off, "inductive", None)
+    assert isinstance(items, SegmentationDataset) and items[0]["image"].shape == (3, 32, 32)
+    with pytest.raises(InputError, match="train.h5: cache.enabled is false"):
+        build_train_dataset(off, "inductive", joined["index"])
+    assert isinstance(build_train_dataset(world["cfg"], "inductive", joined["index"]), FeatureCacheDataset)
