@@ -168,7 +168,7 @@ class CacheConfig:
     # false: frozen runs train online from images with the usual augmentation (no cache on disk)
     enabled: bool = True
     # how tapped tokens are stored: fp16, or int8 (half the bytes; cascade_clip.cache.encoding)
-    encoding: str = "fp16"
+    encoding: str = "int8"
 
 
 @dataclass
