@@ -4,7 +4,6 @@
 # Runs with cache.enabled: false train online instead; with no run reading the cache these
 # rules do not run.
 
-from cascade_clip.config import load_config
 from cascade_clip.plan.sizes import cache_job_minutes
 
 SHARDS = int(WF["cache_shards"])
@@ -13,7 +12,7 @@ SHARDS = int(WF["cache_shards"])
 # with this override. Runs that read it tap a subset of the config's blocks.
 CACHE_OVERRIDES = {} if config["model"]["encoder_mode"] == "frozen" else {"model.encoder_mode": "frozen"}
 # Time limits that follow the rows a job handles (SLURM's runtime; cascade_clip.plan.sizes).
-SHARD_MINUTES, JOIN_MINUTES = cache_job_minutes(load_config(CONFIG), SHARDS, int(WF["cache_gpus"]))
+SHARD_MINUTES, JOIN_MINUTES = cache_job_minutes(WORKFLOW_CONFIG, SHARDS, int(WF["cache_gpus"]))
 # Rows whose values the join checks: each shard's own job read back and checked every row.
 JOIN_SAMPLE = 64
 
