@@ -23,7 +23,7 @@ if not workflow.overwrite_configfiles:
 validate(config, "workflow/schemas/config.schema.yaml", set_default=True)
 # The CLI's validator on the same config (the schema again, then the cross-field checks),
 # so the workflow and every stage accept exactly the same configs.
-config_from_dict(config, "the workflow config")
+WORKFLOW_CONFIG = config_from_dict(config, "the workflow config")
 
 
 include: "workflow/rules/common.smk"

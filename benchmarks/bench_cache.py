@@ -119,7 +119,9 @@ def setup_config(setup: Setup, root: str | os.PathLike) -> Config:
         "model": {"stages": setup.stages, "decoder": setup.decoder},
         "dataset": {"name": "shapes", "root": str(root), "unseen": []},
         "train": {"augment": setup.augment},
-        "cache": {"views_per_image": setup.views, "batch_size": setup.batch},
+        # fp16: the codecs' figures are of fp16 features (benchmarks/cache_encoding.py compares
+        # the encodings themselves)
+        "cache": {"views_per_image": setup.views, "batch_size": setup.batch, "encoding": "fp16"},
     })
 
 

@@ -13,8 +13,8 @@ fixed) and evaluates it on `val`:
 
 A variant is a name, then `KEY=VALUE` config overrides (as `--set` takes them). A variant
 that changes what the cache holds (`model.tap_projection`, `model.tap_seed`,
-`model.cls_token`, `model.stages` beyond the cached blocks) gets its own cache, written
-once under WORK/search/cache/. Runs whose metrics exist are not run again. Prints (and
+`model.cls_token`, `cache.encoding`, `model.stages` beyond the cached blocks) gets its own
+cache, written once under WORK/search/cache/. Runs whose metrics exist are not run again. Prints (and
 writes WORK/search/summary.csv) mean +- sample std over the seeds of mIoU seen / unseen /
 hIoU per variant, and each run's wall time.
 """
@@ -36,7 +36,7 @@ import yaml
 
 from cascade_clip.config import load_config
 
-CACHE_KEYS = ("model.tap_projection", "model.tap_seed", "model.cls_token", "clip.")
+CACHE_KEYS = ("model.tap_projection", "model.tap_seed", "model.cls_token", "clip.", "cache.encoding")
 
 
 def parse_variant(spec: str) -> tuple[str, list[str]]:

@@ -169,6 +169,10 @@ class CacheConfig:
     views_per_image: int = 1
     compression: str | None = None
     batch_size: int = 8
+    # false: frozen runs train online from images with the usual augmentation (no cache on disk)
+    enabled: bool = True
+    # how tapped tokens are stored: fp16, or int8 (half the bytes; cascade_clip.cache.encoding)
+    encoding: str = "int8"
 
 
 @dataclass

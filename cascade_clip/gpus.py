@@ -177,6 +177,9 @@ def acquire_gpus(
     """
     if count < 0:
         raise InputError(f"cannot ask for {count} GPUs")
+    if count == 0:  # nothing to look up: finding the pool imports torch (~4 CPU-s a job on CPU)
+        yield []
+        return
     if pool is None:
         pool, origin = gpu_pool(), pool_origin()
     else:
@@ -184,9 +187,6 @@ def acquire_gpus(
     if count > len(pool):
         listed = ",".join(pool) or "none"
         raise InputError(f"asked for {count} GPUs but the pool has {len(pool)} ({listed}, from {origin})")
-    if count == 0:
-        yield []
-        return
     lock_dir = ensure_lock_dir(default_lock_dir() if lock_dir is None else lock_dir)
     held: list[tuple[str, int]] = []  # (device, fd)
     deadline = time.monotonic() + timeout

@@ -105,6 +105,21 @@ def test_zero_gpus_hides_all(tmp_path):
     assert out.read_text() == "''"
 
 
+def test_zero_gpus_look_up_no_pool(monkeypatch, tmp_path):
+    """`gpu-run --gpus 0` (every job on a CPU machine) never asks torch for the GPU count:
+    importing torch cost each such job ~4 CPU-seconds before its command even started."""
+    import cascade_clip.gpus as gpus
+
+    def no_lookup():
+        raise AssertionError("gpu-run --gpus 0 looked up the GPU pool")
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(gpus, "visible_gpu_count", no_lookup)
+    out = tmp_path / "out"
+    assert run_on_gpus(0, write_devices(out), lock_dir=tmp_path) == 0
+    assert out.read_text() == "''"
+
+
 def test_gpu_run_takes_gpus_from_the_inherited_assignment(tmp_path):
     """SLURM gave the job 4,5,6,7: two concurrent `gpu-run --gpus 2` split exactly those."""
     first, second, release = tmp_path / "first", tmp_path / "second", tmp_path / "release"

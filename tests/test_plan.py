@@ -117,9 +117,10 @@ def test_plan_cache_figure_is_the_written_cache(world, shards, capsys):
     assert p.cache is not None and p.cache.images == NUM_IMAGES and p.cache.views == 2
     written = sum(_storage_bytes(s) for s in shards)
     assert p.cache.data_bytes == written
-    row = p.cache.row  # 3 taps x 4x4 tokens x 32 channels fp16, global token, metadata
-    assert (row.taps, row.global_token) == (3 * 16 * 32 * 2, 32 * 2)
-    assert row.metadata == 8 + 2 + len("a_longer_id_3") + 512 + len(CLASSES) + 1
+    row = p.cache.row  # 3 taps x 4x4 tokens x 32 channels (1 or 2 bytes), global token fp16, metadata
+    value_bytes = {"fp16": 2, "int8": 1}[world["cfg"].cache.encoding]
+    assert (row.taps, row.global_token) == (3 * 16 * 32 * value_bytes, 32 * 2)
+    assert row.metadata == 8 + 2 + len("a_longer_id_3") + 512 + len(CLASSES) + 1 + 4
     out = _plan_text(capsys, "--config", str(world["cfg_path"]))
     assert f"per image-view: {row.total:,} bytes" in out
     assert f"{NUM_IMAGES} training images" in out and f"{written:,} bytes" in out
@@ -157,29 +158,71 @@ def test_checkpoint_sizes_match_the_real_model(world, mode):
 # --- the real configs ------------------------------------------------------------------------------
 
 
-def _vit_b16_row(classes: int, id_bytes: int) -> int:
-    """One ViT-B/16@512 cache row by hand: 7 taps x 1024 tokens x 512 channels fp16, global
-    token, image/view index, id, view JSON, class presence, done flag."""
-    return 7 * 1024 * 512 * 2 + 512 * 2 + 8 + 2 + id_bytes + 512 + classes + 1
+def _vit_b16_row(classes: int, id_bytes: int, value_bytes: int) -> int:
+    """One ViT-B/16@512 cache row by hand: 7 taps x 1024 tokens x 512 channels (fp16: 2 bytes,
+    int8: 1), global token fp16, image/view index, id, view JSON, class presence, done flag,
+    checksum."""
+    return 7 * 1024 * 512 * value_bytes + 512 * 2 + 8 + 2 + id_bytes + 512 + classes + 1 + 4
 
 
-def test_plan_coco_stuff_prints_the_sizes(tmp_path, capsys):
+@pytest.mark.parametrize("encoding, per_view, total", [("fp16", 7_341_766, "868 GB"),
+                                                       ("int8", 3_671_750, "434 GB")])
+def test_plan_coco_stuff_prints_the_sizes(tmp_path, capsys, encoding, per_view, total):
     out = _plan_text(capsys, "--config", str(ROOT / "config/coco_stuff.yaml"),
-                     "--set", f"dataset.root={tmp_path / 'coco'}", "--set", "model.encoder_mode=frozen")
+                     "--set", f"dataset.root={tmp_path / 'coco'}", "--set", "model.encoder_mode=frozen",
+                     "--set", f"cache.encoding={encoding}")
     for line in ("train2017.zip                      19.3 GB", "val2017.zip                        816 MB",
                  "stuffthingmaps_trainval2017.zip    ~659 MB", "benchmark.tgz                      1.42 GB",
                  "trainval_merged.json               ?"):
         assert line in out  # the dataset's archives and its cross_eval targets'
-    row = _vit_b16_row(171, 12)
-    assert row == 7_341_762  # ~7.3 MB per image-view
-    assert f"per image-view: {row:,} bytes" in out
+    row = _vit_b16_row(171, 12, {"fp16": 2, "int8": 1}[encoding])
+    assert row == per_view  # ~7.3 MB per image-view in fp16, half in int8
+    assert f"per image-view: {row:,} bytes" in out and f"512 channels {encoding} " in out
     # 118,287 images in 4 shards; /global_token is allocated in chunks of 256 rows
     counts = [(i + 1) * 118_287 // 4 - i * 118_287 // 4 for i in range(4)]
     expect = sum(n * (row - 1024) + -(-n // 256) * 256 * 1024 for n in counts)
-    assert "118,287 training images" in out and f"{expect:,} bytes (868 GB)" in out
+    assert "118,287 training images" in out and f"{expect:,} bytes ({total})" in out
+    other = {"fp16": "int8", "int8": "fp16"}[encoding]
+    assert f"as {other} (cache.encoding: {other}): " + {"fp16": "434 GB", "int8": "869 GB"}[encoding] in out
     assert "cascade " in out and "cascade_st" in out and "ckpt_last" in out
     assert "train cascade (80,000 it): not measured" in out  # fp32 (amp false): no measurement
     assert "Disk in all: ~" in out
+
+
+def test_plan_says_which_frozen_rows_read_the_cache_and_what_each_way_costs(tmp_path, capsys):
+    """`cache.enabled: false` (config-wide or one row's): the row trains online, the plan puts
+    no cache on the disk and still says what the cache would take; either way each frozen
+    run's time is given both ways (measured, or why not)."""
+    argv = ["--config", str(ROOT / "config/coco_stuff.yaml"), "--set", f"dataset.root={tmp_path / 'coco'}",
+            "--set", "train.amp=true", "--set", "cache.encoding=int8"]
+    out = _plan_text(capsys, *argv)
+    assert "Feature cache (read by run(s) frozen;" in out
+    assert "without it (cache.enabled: false): no cache on disk" in out
+    assert "feature cache 434 GB" in out  # in the disk total
+    assert "train frozen (80,000 it): ~3.8 h at 5.82 it/s" in out
+    assert "    online (cache.enabled: false): not measured: " in out
+    rows = "{cascade: {}, frozen: {model.encoder_mode: frozen, cache.enabled: false}}"
+    out = _plan_text(capsys, *argv, "--set", f"ablations={rows}")
+    assert "Feature cache: none written: run(s) frozen train online from the images" in out
+    assert "118,287 rows: " in out and "(434 GB)" in out  # what it would take
+    assert "feature cache" not in out.split("Disk in all:")[1].split("\n")[1]
+    assert "train frozen (80,000 it): not measured: " in out
+    assert "    from the cache (cache.enabled: true): ~3.8 h at 5.82 it/s" in out
+    assert "  cache: " not in out  # no cache job to time
+
+
+def test_cache_job_time_limits_follow_the_rows(tmp_path):
+    """SLURM runtimes of the cache jobs: a fixed start plus the rows a job handles."""
+    coco = load_config(ROOT / "config/coco_stuff.yaml", {"dataset.root": str(tmp_path / "coco")})
+    shard, join = plan.cache_job_minutes(coco, 4, gpus=1)  # 29,572 rows a shard at 0.25 s
+    assert (shard, join) == (15 + 124, 15 + 12)
+    assert plan.cache_job_minutes(coco, 8, gpus=1)[0] == 15 + 62
+    voc = load_config(ROOT / "config/voc.yaml", {"dataset.root": str(tmp_path / "voc")})
+    assert plan.cache_job_minutes(voc, 4, gpus=1) == (15 + 12, 15 + 2)
+    assert plan.cache_job_minutes(voc, 4, gpus=0)[0] == 15 + 441  # 10 s a row on CPU
+    other = load_config(ROOT / "config/voc.yaml", {"dataset.root": str(tmp_path / "voc"),
+                                                  "dataset.train_split": "mine"})
+    assert plan.cache_job_minutes(other, 4, gpus=1)[0] == 12 * 60  # not known before prepare
 
 
 def test_plan_voc_without_a_cache(capsys):
@@ -203,7 +246,8 @@ def test_plan_shapes_demo(tmp_path, capsys):
     assert "none: shapes is generated locally" in out
     cfg = load_config(ROOT / "config/config.yaml")
     n_train = cfg.extra["shapes"]["num_train"]
-    row = 4 * 16 * 16 * 128 * 2 + 128 * 2 + 8 + 2 + len("train_000000") + 512 + 18 + 1
+    value_bytes = {"fp16": 2, "int8": 1}[cfg.cache.encoding]
+    row = 4 * 16 * 16 * 128 * value_bytes + 128 * 2 + 8 + 2 + len("train_000000") + 512 + 18 + 1 + 4
     assert f"per image-view: {row:,} bytes" in out
     assert f"{n_train:,} training images (shapes.num_train) x 1 view(s) = {n_train:,} rows" in out
     for run in ("cascade", "single_decoder", "cascade_st"):
@@ -258,7 +302,7 @@ def test_cache_writer_refuses_without_space_and_writes_nothing(world, monkeypatc
     data, rows = plan.shard_data_bytes(world["cfg"], "train", (0, 1))
     needed = data + plan.shard_allowance(rows)
     assert str(world["tmp"]) in err and f"{needed:,} bytes" in err and "5.00 kB free" in err
-    assert "cache.views_per_image (now 2)" in err and "model.encoder_mode: vpt" in err
+    assert "cache.views_per_image (now 2)" in err and "set cache.enabled: false to train" in err
     assert "--no-space-check" in err
     assert not (world["tmp"] / "nospace").exists()  # nothing written, not even the folder
 

@@ -2,7 +2,10 @@
 the half-way checkpoint, move the data to another folder, recover as Snakemake tells a user to
 (`--unlock`, then `--rerun-incomplete`), and the run resumes from its last checkpoint, the
 half-way checkpoint holds the half-way weights, and the log keeps every step. A rerun after
-the data was regenerated trains again: it never hands back the old weights."""
+the data was regenerated trains again: it never hands back the old weights.
+
+The same workflow holds a second frozen row, `online`, with `cache.enabled: false`: it
+trains from the images with the frozen encoder run every step, beside the cached main run."""
 
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ def test_killed_workflow_resumes_without_losing_work(tmp_path):
     cfg["train"].update(iters=ITERS, log_interval=1, checkpoint_interval=EVERY)
     cfg["self_train"] = {"iters": 4, "start_fraction": HALF / ITERS}
     cfg["workflow"]["self_train"] = True
+    cfg["ablations"]["online"] = {"cache.enabled": False, "train.iters": 4, "train.checkpoint_interval": 2}
     (work / "config").mkdir()
     (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
     run = results / "shapes" / "runs" / "cascade"
@@ -95,7 +99,12 @@ def test_killed_workflow_resumes_without_losing_work(tmp_path):
     resumes = [r for r in records if r.get("event") == "resume"]
     assert len(resumes) == 1 and HALF < resumes[0]["step"] <= killed_at
     assert (results / "shapes" / "runs" / "cascade_st" / "model_final.pt").is_file()
-    for name in ("frozen_clip", "cascade", "cascade_st"):
+    # the frozen row without a cache: trained online (`train` refuses --cache with
+    # cache.enabled: false, so it was never given one), evaluated, reported
+    online = yaml.safe_load((results / "shapes" / "runs" / "online" / "config.yaml").read_text())
+    assert online["model"]["encoder_mode"] == "frozen" and online["cache"]["enabled"] is False
+    assert _step(results / "shapes" / "runs" / "online" / "model_final.pt") == 4
+    for name in ("frozen_clip", "cascade", "cascade_st", "online"):
         metrics = json.loads((results / "shapes" / "eval" / name / "metrics.json").read_text())
         assert math.isfinite(metrics["hiou"]) and metrics["num_images"] == 4, name
     assert (results / "shapes" / "report" / "summary.csv").is_file()

@@ -370,19 +370,22 @@ def check_rehearsal(work: Path, results: Path, real: dict, overlay: dict, mirror
     frozen_runs = [r for r in runs if resolved["ablations"].get(r, {}).get("model.encoder_mode") == "frozen"]
     assert frozen_runs == (["frozen"] if name in ("coco_stuff_164k", "voc12") else [])
 
-    # feature cache: N shards (ViT-B/16 at 512: 7 taps x 32x32 tokens x 512, fp16) and an index
+    # feature cache: N shards (ViT-B/16 at 512: 7 taps x 32x32 tokens x 512 in cache.encoding,
+    # fp16 or int8; the global token fp16), each verified when written, and an index
     if frozen_runs:
         shards = int(resolved["workflow"]["cache_shards"])
         grid = (resolved["clip"]["image_size"] // 16) ** 2
+        dtype = {"fp16": np.float16, "int8": np.int8}[resolved["cache"]["encoding"]]
         rows = 0
         for s in range(shards):
             with h5py.File(results / "cache" / "train" / f"shard-{s}-of-{shards}.h5") as f:
-                assert bool(f.attrs["complete"])
+                assert bool(f.attrs["complete"]) and f.attrs["verified_rows"] == f.attrs["num_rows"]
                 taps, glob = f["taps"], f["global_token"]
-                assert taps.shape[1:] == (7, grid, width) and taps.dtype == np.float16
-                # Bytes on disk per image-view (README: 7.34 MB at ViT-B/16, 512 px).
+                assert taps.shape[1:] == (7, grid, width) and taps.dtype == dtype
+                # Bytes on disk per image-view (README: 3.67 MB at ViT-B/16, 512 px in int8,
+                # 7.34 MB in fp16).
                 stored = taps.id.get_storage_size() + glob.id.get_storage_size()
-                assert stored == taps.shape[0] * (7 * grid * width + width) * 2
+                assert stored == taps.shape[0] * (7 * grid * width * np.dtype(dtype).itemsize + width * 2)
                 rows += taps.shape[0]
         assert rows == len(mirror.datasets[name].train_ids)
         with h5py.File(results / "cache" / "train.h5") as f:

@@ -28,12 +28,22 @@ Decisions
   and a rerun resumes after it. The finished file is renamed onto `<out>` (atomic). An
   existing complete `<out>` is never modified: a rerun with the same config is a no-op, a
   different config is refused unless `overwrite=True` (then replaced only by the rename).
-- **Precision.** The encoder runs in fp32; taps and global token are stored fp16.
+- **Verified when written, sampled when joined.** Before the rename the writer reads every
+  row of the partial back and checks it (a CRC-32 per row taken before the write, and the
+  values: `encoding.check_rows`); only then is the shard `complete` (`verified_rows`). A
+  kill while verifying keeps the partial, and the rerun only verifies. The join checks
+  what it joins (provenance, row counts, layout, each shard's verification) and the
+  workflow's `cache-verify --sample` the values of a few rows, so no job re-reads the
+  whole cache after its shards' jobs.
+- **Precision.** The encoder runs in fp32; the taps are stored as `cache.encoding` says
+  (fp16, or int8 scaled per token and renormalised on read: half the bytes;
+  `cascade_clip.cache.encoding`), the global token fp16.
 
 Shard file layout (M = rows = images in the shard x V; L taps, N = h*w tokens, C width)::
 
-    /taps          (M, L, N, C) float16, chunks (1, L, N, C): one view per chunk
+    /taps          (M, L, N, C) float16 or int8 (cache.encoding), chunks (1, L, N, C): one view per chunk
     /global_token  (M, C)       float16
+    /checksum      (M,)         uint32   CRC-32 of the row's stored taps and global token
     /image_index   (M,)         int64    index of the image in the split list
     /view_index    (M,)         int16
     /ids           (M,)         S<n>     image id
@@ -43,8 +53,8 @@ Shard file layout (M = rows = images in the shard x V; L taps, N = h*w tokens, C
     attrs: kind, format_version, code_version, model, weights_digest, tapped_blocks,
            tap_projection, tap_seed, input_size, mean, std, dataset, split, unseen,
            image_list_digest, num_images, seed, views_per_image, augment, grid,
-           embed_dim, num_classes, shard_index, shard_count, image_start, image_stop,
-           num_rows, shard_uid, complete, created
+           encoding, embed_dim, num_classes, shard_index, shard_count, image_start,
+           image_stop, num_rows, shard_uid, complete, verified_rows, created
 
 The joined index file holds the same provenance attributes plus `shard_files` (paths
 relative to the index), `shard_uids`, `shard_rows`, and the concatenated `image_index`,
@@ -54,6 +64,7 @@ Modules
 -------
 - `provenance`: format constants, errors, digests, the provenance attributes and HDF5
   attribute helpers.
+- `encoding`: how tokens are stored (fp16, int8), decoded, checksummed and checked.
 - `write`: planning, writing and resuming one shard (`cache-features`).
 - `index`: a cache's layout as readers see it, joining shards (`cache-join`) and verifying
   a cache (`cache-verify`).

@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 
 import cascade_clip
+from cascade_clip.cache.encoding import check_rows, stored_dtype
 from cascade_clip.cache.provenance import (
     CACHE_FORMAT_VERSION,
     INDEX_KIND,
@@ -92,6 +93,10 @@ def _check_shard_file(f: h5py.File, path: Path) -> dict[str, Any]:
         raise CacheMismatchError(path, "format_version", attrs.get("format_version"), CACHE_FORMAT_VERSION)
     if not attrs.get("complete"):
         raise CacheError(f"{path}: shard is incomplete (rerun cache-features to resume it)")
+    if attrs.get("verified_rows") != attrs.get("num_rows"):
+        verified, rows = attrs.get("verified_rows"), attrs.get("num_rows")
+        raise CacheError(f"{path}: {verified} of {rows} rows were verified when the shard was written; "
+                         "write it again")
     return attrs
 
 
@@ -131,7 +136,7 @@ def open_layout(path: str | Path) -> CacheLayout:
 # --- join -------------------------------------------------------------------------------------
 
 _SHARD_ONLY_ATTRS = ("shard_index", "image_start", "image_stop", "num_rows", "shard_uid", "complete",
-                     "created", "code_version")
+                     "verified_rows", "created", "code_version")
 
 
 def join_shards(inputs: Sequence[str | Path], out: str | Path, overwrite: bool = False) -> Path:
@@ -223,8 +228,11 @@ def verify_cache(
     """Check a cache (index or shard) against `cfg`; raise CacheError on the first problem.
 
     Checks attributes (provenance), row counts (every image of the split V times, for an
-    index), shapes and dtypes of every shard, `done` flags, and finiteness and unit norm of
-    the stored tokens (every row, or `sample` evenly spaced rows). Returns a summary dict.
+    index), the image ids, shapes and dtypes of every shard's datasets, `done` flags and that
+    each shard was verified in full when written; then the stored rows (`encoding.check_rows`:
+    checksum, finite unit-norm fp16 or well-formed int8 tokens): every row, or `sample`
+    evenly spaced rows (what the workflow's join does: the shards' own jobs checked every
+    row). Returns a summary dict.
     """
     from tqdm import tqdm
 
@@ -243,6 +251,7 @@ def verify_cache(
     if [ids[i] for i in layout.image_index] != layout.ids:
         raise CacheError(f"{path}: stored image ids do not match the split list")
     l_, (h, w), c = len(layout.blocks), layout.grid, int(layout.attrs["embed_dim"])
+    encoding = attr_value(layout.attrs["encoding"])
     rows_to_check = _rows_to_check(layout.num_rows, sample)
     bar = tqdm(total=len(rows_to_check), unit="row", disable=not progress, desc="verify")
     worst = 0.0
@@ -250,18 +259,17 @@ def verify_cache(
         lo, hi = int(layout.offsets[s]), int(layout.offsets[s + 1])
         with open_h5(shard) as f:
             _check_shard_file(f, shard)
-            _check_dataset(f, shard, "taps", (hi - lo, l_, h * w, c), np.float16)
+            _check_dataset(f, shard, "taps", (hi - lo, l_, h * w, c), stored_dtype(encoding))
             _check_dataset(f, shard, "global_token", (hi - lo, c), np.float16)
+            _check_dataset(f, shard, "checksum", (hi - lo,), np.uint32)
             if done_prefix(f) != hi - lo:
                 raise CacheError(f"{shard}: only {done_prefix(f)}/{hi - lo} rows written")
             mine = [r - lo for r in rows_to_check if lo <= r < hi]
-            for r in mine:
-                worst = max(worst, _check_row(f, shard, r))
-                bar.update(1)
+            worst = max(worst, check_rows(f, shard, mine, bar.update))
     bar.close()
     return {"path": str(path), "rows": layout.num_rows, "shards": len(layout.shard_files),
             "views_per_image": views, "taps": layout.blocks, "grid": [h, w], "embed_dim": c,
-            "rows_checked": len(rows_to_check), "max_norm_error": worst}
+            "encoding": encoding, "rows_checked": len(rows_to_check), "max_norm_error": worst}
 
 
 def _rows_to_check(total: int, sample: int | None) -> list[int]:
@@ -276,21 +284,6 @@ def _check_dataset(f: h5py.File, path: Path, name: str, shape: tuple[int, ...], 
     d = f[name]
     if d.shape != shape or d.dtype != dtype:
         raise CacheError(f"{path}: '{name}' is {d.shape} {d.dtype}, expected {shape} {np.dtype(dtype)}")
-
-
-def _check_row(f: h5py.File, path: Path, r: int) -> float:
-    """Finiteness and unit norm of one row; returns the largest |norm - 1|."""
-    try:
-        taps = f["taps"][r].astype(np.float32)
-        glob = f["global_token"][r].astype(np.float32)
-    except OSError as err:
-        raise CacheError(f"{path}: row {r} unreadable, truncated or corrupt ({err})") from None
-    if not (np.isfinite(taps).all() and np.isfinite(glob).all()):
-        raise CacheError(f"{path}: row {r} holds non-finite values")
-    err = max(float(np.abs(np.linalg.norm(taps, axis=-1) - 1).max()), abs(float(np.linalg.norm(glob)) - 1))
-    if err > 1e-2:
-        raise CacheError(f"{path}: row {r} is not L2-normalised (|norm - 1| = {err:.3g})")
-    return err
 
 
 # --- reader -----------------------------------------------------------------------------------

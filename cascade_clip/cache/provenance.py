@@ -17,7 +17,8 @@ from cascade_clip.classes import config_unseen_names
 from cascade_clip.config import ClipConfig, Config
 from cascade_clip.errors import InputError, MissingInputError
 
-CACHE_FORMAT_VERSION = 1
+# 2: cache.encoding (int8 taps), per-row checksums, shards verified when written
+CACHE_FORMAT_VERSION = 2
 SHARD_KIND = "cascade-clip/feature-shard"
 INDEX_KIND = "cascade-clip/feature-index"
 PARTIAL_SUFFIX = ".partial"
@@ -44,15 +45,18 @@ FEATURE_KEYS = {
     "dataset.unseen": "unseen",  # the crop test sees unseen classes as ignore
     "dataset.train_split": "split",
     "cache.views_per_image": "views_per_image",
+    "cache.encoding": "encoding",  # int8 rows hold other values than fp16 ones
     **{f"train.augment.{key}": "augment" for key in
        ("scale", "ratio_range", "crop_size", "cat_max_ratio", "flip", "photometric")},
 }
 NOT_FEATURE_KEYS = (
     "clip.templates", "clip.prompt_names",  # the text side
-    "dataset.root",  # where the images lie; the image list and the features say what they are
+    "dataset.root", "dataset.source",  # where the images lie or came from; the image list says
+                                       # what they are
     "dataset.val_split",  # never cached
     "dataset.drop_unseen_images",  # the reader leaves rows out, from the cached class presence
-    "cache.compression", "cache.batch_size",  # how rows are stored and encoded, not their values
+    "cache.compression", "cache.batch_size",  # how rows are stored, not their values
+    "cache.enabled",  # whether a frozen row reads a cache at all, not what one holds
     "model.encoder_mode",  # a cache is written by the frozen encoder only
     "model.vpt_tokens", "model.vpt_prompt_norm",  # prompt tuning, never cached
     # the head, after the cache
@@ -84,6 +88,7 @@ PROVENANCE_FIELDS = (
     "seed",
     "views_per_image",
     "augment",
+    "encoding",
 )
 
 
@@ -190,6 +195,7 @@ def provenance(cfg: Config, split: str, image_ids: Sequence[str]) -> dict[str, A
         "seed": int(cfg.seed),
         "views_per_image": int(cfg.cache.views_per_image),
         "augment": _canonical_json(dataclasses.asdict(cfg.train.augment)),
+        "encoding": cfg.cache.encoding,
     }
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from cascade_clip.cache.encoding import decode
 from cascade_clip.cache.index import open_layout
 from cascade_clip.cache.provenance import (
     CacheError,
@@ -28,7 +29,9 @@ from cascade_clip.model.encoder import TapFeatures
 class FeatureCacheDataset(Dataset):
     """Training items from a feature cache: one item per cached (image, view) row.
 
-    Items: taps float16 (L, N, C) in the config's block order, global_token float16 (C,),
+    Items: taps (L, N, C) as stored (float16, or int8 for `cache.encoding: int8`: decode
+    them with `encoding.decode`, as `to_tap_features` and training do) in the config's
+    block order, global_token float16 (C,),
     label int64 (crop, crop) rebuilt from the stored view in `mode` (inductive: unseen ->
     255, transductive: unseen -> 254, fully_supervised/eval: untouched), grid int64 (2,),
     id str, index int (image index in the split), view int. The default collate works.
@@ -152,12 +155,12 @@ class FeatureCacheDataset(Dataset):
 
 
 def to_tap_features(batch: dict[str, Any], grid: tuple[int, int] | None = None) -> TapFeatures:
-    """A collated batch -> TapFeatures: taps (L, B, N, C) float32, global_token (B, C) float32.
+    """A collated batch -> TapFeatures: taps (L, B, N, C) float32 (decoded), global_token (B, C) float32.
 
     `grid` defaults to the batch's "grid" entry (the cache's token grid).
     """
     if grid is None:
         g = batch["grid"]
         grid = (int(g[0][0]), int(g[0][1])) if g.dim() == 2 else (int(g[0]), int(g[1]))
-    taps = batch["taps"].float().transpose(0, 1).contiguous()
+    taps = decode(batch["taps"]).transpose(0, 1).contiguous()
     return TapFeatures(taps=taps, global_token=batch["global_token"].float(), grid=grid)

@@ -1,5 +1,6 @@
 """Writing one feature shard: plan, allocate, fill batch by batch with crash-safe `done`
-flags, resume after a kill, rename into place (the decisions are in cascade_clip.cache)."""
+flags, resume after a kill, verify every row, rename into place (the decisions are in
+cascade_clip.cache)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import cascade_clip
+from cascade_clip.cache.encoding import check_rows, encode, row_checksum, stored_dtype
 from cascade_clip.cache.provenance import (
     GLOBAL_CHUNK_ROWS,
     PARTIAL_SUFFIX,
@@ -111,6 +113,7 @@ def _create_shard(
     ids: Sequence[str],
     shapes: dict[str, int],
     compression: str | None,
+    encoding: str,
 ) -> None:
     """Create `path` with every dataset allocated and the static per-row metadata written."""
     m, k = plan.num_rows, shapes["num_classes"]
@@ -132,10 +135,12 @@ def _create_shard(
             num_rows=m,
             shard_uid=uuid.uuid4().hex,
             complete=False,
+            verified_rows=0,
             created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         )
-        _create(f, "taps", (m, l_, n, c), np.float16, (1, l_, n, c), compression)
+        _create(f, "taps", (m, l_, n, c), stored_dtype(encoding), (1, l_, n, c), compression)
         _create(f, "global_token", (m, c), np.float16, (min(max(m, 1), GLOBAL_CHUNK_ROWS), c))
+        _create(f, "checksum", (m,), np.uint32)
         _create(f, "view", (m,), f"S{VIEW_BYTES}")
         _create(f, "present", (m, k), np.uint8)
         f.create_dataset("done", data=np.zeros(m, np.uint8), dcpl=_dcpl(None))
@@ -335,10 +340,11 @@ def write_shard(
     if not _resumable(partial, prov, plan, log):
         try:
             _create_shard(partial, plan, prov, data.ids, _shapes(model, cfg, data.num_classes),
-                          cfg.cache.compression)
+                          cfg.cache.compression, cfg.cache.encoding)
         except OSError as err:
             raise _write_error(partial, 0, plan.num_rows, err) from None
     _fill_shard(partial, cfg, split, plan, model, device, workers, progress, log)
+    _verify_partial(partial, plan, progress)
     _finish(partial, out, plan)
     log(f"{out}: {plan.num_rows} rows (images {plan.image_start}..{plan.image_stop - 1}, "
         f"{plan.views} view(s) each)")
@@ -385,17 +391,19 @@ def _fill_shard(
         for batch in batches:
             with torch.inference_mode():
                 feats = model.encode(batch["image"].to(device))
-            taps = feats.taps.transpose(0, 1).to(torch.float16).cpu().numpy()  # (B, L, N, C)
-            glob = feats.global_token.to(torch.float16).cpu().numpy()
+                finite = bool(torch.isfinite(feats.taps).all() and torch.isfinite(feats.global_token).all())
+                taps = encode(feats.taps.transpose(0, 1), cfg.cache.encoding).cpu().numpy()  # (B, L, N, C)
+                glob = feats.global_token.to(torch.float16).cpu().numpy()
             first, stop = batch["row"][0], batch["row"][-1] + 1
             if first != done:
                 raise CacheError(f"{partial}: rows out of order (got {first}, expected {done})")
-            if not (np.isfinite(taps).all() and np.isfinite(glob).all()):
+            if not finite:
                 rows = f"{first}..{stop - 1}"
                 raise CacheError(f"{partial}: the encoder gave non-finite features in rows {rows}")
+            sums = np.array([row_checksum(t, g) for t, g in zip(taps, glob)], np.uint32)
             try:
-                _write_rows(f, first, {"taps": taps, "global_token": glob, "view": batch["view"],
-                                       "present": batch["present"]})
+                _write_rows(f, first, {"taps": taps, "global_token": glob, "checksum": sums,
+                                       "view": batch["view"], "present": batch["present"]})
                 _mark_done(f, first, stop)
             except OSError as err:
                 raise _write_error(partial, done, plan.num_rows, err) from None
@@ -404,13 +412,24 @@ def _fill_shard(
     bar.close()
 
 
+def _verify_partial(partial: Path, plan: ShardPlan, progress: bool) -> None:
+    """Read back and check every row of the filled `partial` (`encoding.check_rows`) before it
+    becomes the shard. A kill here keeps the partial: the rerun writes nothing, checks again."""
+    from tqdm import tqdm
+
+    with open_h5(partial) as f:
+        if done_prefix(f) != plan.num_rows:
+            raise CacheError(f"{partial}: {done_prefix(f)}/{plan.num_rows} rows written")
+        with tqdm(total=plan.num_rows, unit="view", disable=not progress, desc="verify") as bar:
+            check_rows(f, partial, range(plan.num_rows), bar.update)
+
+
 def _finish(partial: Path, out: Path, plan: ShardPlan) -> None:
-    """Mark `partial` complete, check its done flags and rename it onto `out`."""
+    """Mark the verified `partial` complete and rename it onto `out`."""
     try:
         with open_h5(partial, "r+") as f:
-            if done_prefix(f) != plan.num_rows:
-                raise CacheError(f"{partial}: {done_prefix(f)}/{plan.num_rows} rows written")
             f.attrs["complete"] = True
+            f.attrs["verified_rows"] = plan.num_rows
             f.flush()
     except OSError as err:
         raise _write_error(partial, plan.num_rows, plan.num_rows, err) from None

@@ -6,7 +6,8 @@ import argparse
 
 from cascade_clip.config import add_config_arguments
 
-HELP = "Cache the frozen encoder's tapped block features for one shard of a split (HDF5)."
+HELP = ("Cache the frozen encoder's tapped block features for one shard of a split (HDF5); every row is "
+        "read back and checked before the shard is renamed into place.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

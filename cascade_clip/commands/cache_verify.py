@@ -7,7 +7,7 @@ import json
 
 from cascade_clip.config import add_config_arguments
 
-HELP = "Check a feature cache: counts, shapes, dtypes, finiteness and attributes."
+HELP = "Check a feature cache: attributes, counts, shapes, dtypes, and each row's checksum and values."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,7 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", required=True, help="joined index (or a single shard) to check")
     parser.add_argument("--split", default=None, help="split the cache holds (default: dataset.train_split)")
     parser.add_argument("--sample", type=int, default=None,
-                        help="check the values of only this many evenly spaced rows (default: all)")
+                        help="check the checksums and values of only this many evenly spaced rows "
+                             "(default: all; the workflow's join checks a sample: each shard's own "
+                             "job checked every row)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,11 +11,12 @@ self-training run):
   `prepare` hard-links images (no extra bytes on the downloads' file system) and writes
   one label PNG per image (about the source label maps for COCO-Stuff, whose converted
   labels are those maps re-indexed; unknown for VOC and Context);
-- **the feature cache**, only when some run trains from it (`model.encoder_mode: frozen`),
-  from the shard layout of `cascade_clip.cache` exactly: per (image, view) row, the taps
-  (L tapped blocks x N tokens x C channels, fp16), the global token (C, fp16) and the
-  per-row metadata (image index int64, view index int16, id S<n>, view JSON S512, class
-  presence uint8 x K, done flag uint8);
+- **the feature cache**, when some run is `model.encoder_mode: frozen`, from the shard
+  layout of `cascade_clip.cache` exactly: per (image, view) row, the taps (L tapped blocks x
+  N tokens x C channels, `cache.encoding`: fp16 or int8), the global token (C, fp16) and
+  the per-row metadata (image index int64, view index int16, id S<n>, view JSON S512, class
+  presence uint8 x K, done flag uint8, checksum uint32); with the other encoding's size, and
+  which frozen runs read it and which train online without it (`cache.enabled: false`);
 - **checkpoints** per run: the trainable state dict (`CascadeCLIP.trainable_state_dict`:
   head, vpt prompts, fixed random tap projections) in ckpt_half.pt and model_final.pt, plus
   AdamW's two moments and a step counter per trainable tensor in ckpt_last.pt. Counts come
@@ -36,6 +37,7 @@ plan.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -63,6 +65,7 @@ from cascade_clip.plan.sizes import (
     EncoderShape,
     NotEnoughSpaceError,
     Size,
+    cache_job_minutes,
     cache_row_for,
     check_cache_space,
     checkpoint_sizes,
@@ -100,8 +103,9 @@ class CachePlan:
     views: int
     shards: int
     index_row: int
-    used_by: list[str]
+    used_by: list[str]  # frozen runs that train from the cache
     images_source: str
+    online: list[str] = field(default_factory=list)  # frozen runs without it (cache.enabled: false)
 
     @property
     def rows(self) -> int | None:
@@ -173,13 +177,15 @@ def make_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> Plan
 
     frozen = [run for run, rcfg in run_cfgs.items() if rcfg.model.encoder_mode == "frozen"]
     if frozen:
+        cached = [run for run in frozen if run_cfgs[run].cache.enabled]
         facts = split_facts(cfg, cfg.dataset.name, cfg.dataset.root, cfg.dataset.train_split)
         classes = num_classes(cfg.dataset.name, cfg.dataset.root, cfg.dataset.source)
         id_bytes = facts.id_bytes or 16
         plan.cache = CachePlan(
             row=cache_row_for(cfg, plan.shape, classes, id_bytes), images=facts.images,
             views=int(cfg.cache.views_per_image), shards=int(wf["cache_shards"]),
-            index_row=index_row_bytes(classes, id_bytes), used_by=frozen, images_source=facts.source,
+            index_row=index_row_bytes(classes, id_bytes), used_by=cached, images_source=facts.source,
+            online=[run for run in frozen if run not in cached],
         )
     return plan
 
@@ -339,16 +345,25 @@ def _cache_lines(plan: Plan, results: Path, disk: list[tuple[str, Size, str]],
         return [f"Feature cache: none (no run trains from it: model.encoder_mode {', '.join(modes)})"]
     cfg, row = plan.cfg, cache.row
     side = math.isqrt(row.num_tokens)
-    lines = [
-        f"Feature cache (read by run(s) {', '.join(cache.used_by)}; in {folder}/; {_free(folder)})",
+    online = (f"run(s) {', '.join(cache.online)} train online from the images, encoding every step "
+              "(cache.enabled: false)")
+    if cache.used_by:
+        lines = [f"Feature cache (read by run(s) {', '.join(cache.used_by)}; in {folder}/; {_free(folder)})"]
+        if cache.online:
+            lines.append(f"  {online}")
+    else:
+        lines = [f"Feature cache: none written: {online}; were it enabled (cache.enabled: true), "
+                 f"in {folder}/ ({_free(folder)}):"]
+    lines.append(
         f"  per image-view: {row.total:,} bytes ({fmt_bytes(row.total)}) = {row.num_taps} taps x "
-        f"{side}x{side} tokens x {row.embed_dim} channels fp16 ({row.taps:,}) + global token "
-        f"({row.global_token:,}) + labels/view metadata ({row.metadata:,})",
-    ]
+        f"{side}x{side} tokens x {row.embed_dim} channels {row.encoding} ({row.taps:,}; cache.encoding) "
+        f"+ global token fp16 ({row.global_token:,}) + labels/view metadata ({row.metadata:,})"
+    )
     if cache.images is None:
         lines.append(f"  images: ? (dataset.train_split {cfg.dataset.train_split!r} is not known "
                      "before prepare): total ?")
-        unknown.append("feature cache")
+        if cache.used_by:
+            unknown.append("feature cache")
         return lines
     how = cache.images_source
     data = cache.data_bytes
@@ -360,8 +375,21 @@ def _cache_lines(plan: Plan, results: Path, disk: list[tuple[str, Size, str]],
                  f"plus the joined index {fmt_bytes(index)}"
                  + (f" (cache.compression {cfg.cache.compression}: NOTES.md measured 0-8% saved)"
                     if cfg.cache.compression else ""))
-    disk.append(("feature cache", Size(data + index), str(folder)))
+    other = "fp16" if row.encoding == "int8" else "int8"
+    other_data = sum(map(dataclasses.replace(row, encoding=other).shard_bytes, cache.shard_rows()))
+    lines.append(f"  as {other} (cache.encoding: {other}): {fmt_bytes(other_data + index)} in all")
+    if cache.used_by:
+        lines.append("  without it (cache.enabled: false): no cache on disk; the frozen run(s) train online "
+                     "from the images (training time below)")
+        disk.append(("feature cache", Size(data + index), str(folder)))
     return lines
+
+
+def _train_time(rcfg: Config, shape: EncoderShape, wf: dict[str, Any], iters: int) -> str:
+    m, why = match_measured("train", run_facts(rcfg, shape, "train", wf))
+    if m is None:
+        return f"not measured: {why}"
+    return f"~{fmt_duration(iters / m.rate)} at {m.rate} it/s ({m.source}: {m.caveat})"
 
 
 def _time_lines(plan: Plan) -> list[str]:
@@ -377,7 +405,7 @@ def _time_lines(plan: Plan) -> list[str]:
         lines.append(f"  whole workflow: not measured ({miss})")
     else:
         lines.append("  download, prepare: not measured (network and disk bound)")
-    if plan.cache is not None:
+    if plan.cache is not None and plan.cache.used_by:
         m, why = match_measured("cache", run_facts(cfg, plan.shape, "cache", wf))
         if m is not None and plan.cache.rows is not None:
             secs = plan.cache.rows / m.rate
@@ -387,12 +415,12 @@ def _time_lines(plan: Plan) -> list[str]:
             lines.append(f"  cache: not measured: {why}")
     for run, rcfg in plan.run_cfgs.items():
         iters = rcfg.self_train.iters if rcfg.train.setting == "transductive" else rcfg.train.iters
-        m, why = match_measured("train", run_facts(rcfg, plan.shape, "train", wf))
-        if m is None:
-            lines.append(f"  train {run} ({iters:,} it): not measured: {why}")
-        else:
-            lines.append(f"  train {run} ({iters:,} it): ~{fmt_duration(iters / m.rate)} at {m.rate} it/s "
-                         f"({m.source}: {m.caveat})")
+        lines.append(f"  train {run} ({iters:,} it): {_train_time(rcfg, plan.shape, wf, iters)}")
+        if rcfg.model.encoder_mode == "frozen":  # the other way of training this run
+            cached = rcfg.cache.enabled
+            other = dataclasses.replace(rcfg, cache=dataclasses.replace(rcfg.cache, enabled=not cached))
+            way = "online (cache.enabled: false)" if cached else "from the cache (cache.enabled: true)"
+            lines.append(f"    {way}: {_train_time(other, plan.shape, wf, iters)}")
     m, why = match_measured("evaluate", run_facts(cfg, plan.shape, "evaluate", wf))
     val = split_facts(cfg, cfg.dataset.name, cfg.dataset.root, cfg.dataset.val_split).images
     if m is not None and val:
@@ -409,6 +437,7 @@ __all__ = [
     "VIT_B16",
     "NotEnoughSpaceError",
     "Plan",
+    "cache_job_minutes",
     "check_cache_space",
     "checkpoint_sizes",
     "fmt_bytes",

@@ -57,7 +57,8 @@ MEASURED: tuple[Measured, ...] = (
 FACT_KEYS = {"device": "GPUs (workflow.*_gpus)", "encoder": "encoder", "input": "input size",
              "taps": "tapped blocks", "head": "model.decoder", "batch": "batch per process",
              "amp": "train.amp", "path": "model.encoder_mode"}
-FACT_VALUES = {("device", "gpu"): "> 0", ("device", "cpu"): "0", ("path", "cache"): "frozen",
+FACT_VALUES = {("device", "gpu"): "> 0", ("device", "cpu"): "0", ("path", "cache"): "frozen, from the cache",
+               ("path", "online"): "frozen, online (cache.enabled: false)",
                ("amp", True): "true", ("amp", False): "false"}
 
 # The shapes demo as committed, measured end to end (benchmarks/NOTES.md, Shapes world, "Fifth
@@ -96,7 +97,7 @@ def run_facts(cfg: Config, shape: EncoderShape, stage: str, wf: dict[str, Any]) 
         "head": f"{dec.layers} layers, {dec.heads} heads, FFN {dec.ffn_dim}",
         "batch": batch,
         "amp": cfg.train.amp,
-        "path": "cache" if cfg.model.encoder_mode == "frozen" else "vpt",
+        "path": "vpt" if cfg.model.encoder_mode != "frozen" else "cache" if cfg.cache.enabled else "online",
     }
 
 

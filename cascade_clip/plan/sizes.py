@@ -4,6 +4,7 @@ cache's bytes per row and per shard, and the cache writer's free-space check."""
 
 import inspect
 import json
+import math
 import shutil
 import types
 from dataclasses import dataclass
@@ -302,11 +303,14 @@ class CacheRow:
     embed_dim: int  # C
     classes: int  # K
     id_bytes: int
+    encoding: str = "fp16"  # cache.encoding: how /taps stores a value
 
     @property
     def taps(self) -> int:
-        """/taps: L x N x C fp16."""
-        return self.num_taps * self.num_tokens * self.embed_dim * np.dtype(np.float16).itemsize
+        """/taps: L x N x C values of `encoding` (fp16: 2 bytes, int8: 1)."""
+        from cascade_clip.cache.encoding import bytes_per_value
+
+        return self.num_taps * self.num_tokens * self.embed_dim * bytes_per_value(self.encoding)
 
     @property
     def global_token(self) -> int:
@@ -315,12 +319,13 @@ class CacheRow:
 
     @property
     def metadata(self) -> int:
-        """/image_index int64, /view_index int16, /ids S<n>, /view S512, /present uint8 x K, /done uint8."""
+        """/image_index int64, /view_index int16, /ids S<n>, /view S512, /present uint8 x K, /done uint8,
+        /checksum uint32."""
         from cascade_clip.cache import VIEW_BYTES
 
         u8 = np.dtype(np.uint8).itemsize
         return (np.dtype(np.int64).itemsize + np.dtype(np.int16).itemsize + self.id_bytes + VIEW_BYTES
-                + self.classes * u8 + u8)
+                + self.classes * u8 + u8 + np.dtype(np.uint32).itemsize)
 
     @property
     def total(self) -> int:
@@ -342,7 +347,8 @@ def cache_row_for(cfg: Config, shape: EncoderShape, classes: int, id_bytes: int)
     from cascade_clip.cache import tapped_blocks
 
     side = cfg.train.augment.crop_size // shape.patch_size
-    return CacheRow(len(tapped_blocks(cfg)), side * side, shape.embed_dim, classes, id_bytes)
+    return CacheRow(len(tapped_blocks(cfg)), side * side, shape.embed_dim, classes, id_bytes,
+                    cfg.cache.encoding)
 
 
 def index_row_bytes(classes: int, id_bytes: int) -> int:
@@ -398,13 +404,42 @@ def check_cache_space(
         return needed
     views = int(cfg.cache.views_per_image)
     shrink = [f"lower cache.views_per_image (now {views})"] if views > 1 else []
-    shrink += ["train with model.encoder_mode: vpt (no cache)",
-               f"cache fewer images (a shorter dataset.train_split list than {split!r})"]
+    shrink += ["store it as cache.encoding: int8 (half of fp16)"] if cfg.cache.encoding == "fp16" else []
+    shrink += [f"cache fewer images (a shorter dataset.train_split list than {split!r})"]
     have = f"{fmt_bytes(free)} free" + (f" + {fmt_bytes(held)} in {partial.name}" if held else "")
     raise NotEnoughSpaceError(
         f"{folder}: cache shard {shard[0]}/{shard[1]} needs {fmt_bytes(needed)} ({needed:,} bytes: "
-        f"{rows:,} rows), the file system has {have}; to shrink it, " + ", or ".join(shrink)
+        f"{rows:,} rows), the file system has {have}; set cache.enabled: false to train the frozen "
+        "row(s) online from the images without a cache; or, to shrink it, " + ", or ".join(shrink)
         + "; or free space (--no-space-check skips this check)"
     )
 
 
+
+
+# --- time limits of the cache jobs (workflow/rules/cache.smk) -----------------------------------
+
+# A shard's job encodes its rows, writes them and reads every row back to verify it; the join
+# reads the shards' per-row metadata and checks a sample of rows. Seconds a shard job may
+# take per row, with a wide margin: CPU (no cache GPU): NOTES.md measured 0.15 rows/s for
+# ViT-B/16 at 512 px on 2 cores (6.7 s a row), 10 s allowed; GPU: not measured: decoding and
+# augmenting took ~66 ms a row in one loader process on the H100's host (NOTES.md), the
+# encoder ~2.6 ms, plus writing and reading back 3.7-7.3 MB a row: 0.25 s allowed.
+CACHE_SECONDS_PER_ROW = {"gpu": 0.25, "cpu": 10.0}
+CACHE_JOB_BASE_MIN = 15  # start-up, the CLIP loaded, the index written
+JOIN_ROWS_PER_MIN = 10_000  # per-row metadata read and checked (ids, views, class presence)
+UNKNOWN_SHARD_MIN = 12 * 60  # the split's size is not known before the dataset is prepared
+
+
+def cache_job_minutes(cfg: Config, shards: int, gpus: int) -> tuple[int, int]:
+    """SLURM time limits (minutes) of one cache shard job and of the join, from the number of
+    rows they handle (the prepared split list, else the dataset's published size)."""
+    facts = split_facts(cfg, cfg.dataset.name, cfg.dataset.root, cfg.dataset.train_split)
+    if facts.images is None:
+        return UNKNOWN_SHARD_MIN, CACHE_JOB_BASE_MIN + UNKNOWN_SHARD_MIN // 12
+    views = int(cfg.cache.views_per_image)
+    shard_rows = -(-facts.images // max(1, shards)) * views
+    per_row = CACHE_SECONDS_PER_ROW["gpu" if gpus else "cpu"]
+    shard = CACHE_JOB_BASE_MIN + math.ceil(shard_rows * per_row / 60)
+    join = CACHE_JOB_BASE_MIN + math.ceil(facts.images * views / JOIN_ROWS_PER_MIN)
+    return shard, join

@@ -60,10 +60,14 @@ def cache_tap_rows(dataset: Any, blocks: list[int], where: str) -> list[int] | N
 
 
 def build_train_dataset(cfg: Config, setting: str, cache: str | Path | None) -> torch.utils.data.Dataset:
-    """Cached frozen features (--cache) or images with the training augmentation."""
+    """Cached frozen features (--cache) or images with the training augmentation (vpt, or
+    frozen with `cache.enabled: false`: the frozen encoder runs every step)."""
     if cache is not None:
         if cfg.model.encoder_mode != "frozen":
             raise InputError(f"{cache}: a feature cache serves encoder_mode 'frozen' only, not 'vpt'")
+        if not cfg.cache.enabled:
+            raise InputError(f"{cache}: cache.enabled is false (train online from the images); "
+                             "drop --cache or set cache.enabled: true")
         from cascade_clip.cache import FeatureCacheDataset
 
         return FeatureCacheDataset(cache, cfg, cfg.dataset.train_split, setting)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cascade_clip.cache.encoding import decode
 from cascade_clip.data import IGNORE_INDEX, UNSEEN_INDEX
 from cascade_clip.errors import InputError
 from cascade_clip.model import CascadeCLIP, TapFeatures
@@ -133,12 +134,12 @@ def square_grid(n: int) -> tuple[int, int]:
 def model_inputs(batch: dict[str, Any], device: torch.device, tap_rows: list[int] | None) -> dict[str, Any]:
     """A collated batch -> keyword arguments of TrainStep (without the text)."""
     if "taps" in batch:
-        taps = batch["taps"].to(device, non_blocking=True)  # (B, L, N, C) fp16
+        taps = batch["taps"].to(device, non_blocking=True)  # (B, L, N, C) as stored: fp16 or int8
         if tap_rows is not None:
             taps = taps[:, tap_rows]
         grid = tuple(int(v) for v in batch["grid"][0]) if "grid" in batch else None
         return {
-            "taps": taps.transpose(0, 1).float(),  # (L, B, N, C)
+            "taps": decode(taps).transpose(0, 1),  # (L, B, N, C) float32, decoded on the device
             "global_token": batch["global_token"].to(device, non_blocking=True).float(),
             "grid": grid,
         }

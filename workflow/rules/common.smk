@@ -92,7 +92,8 @@ def run_value(run, dotted):
 
 
 def run_uses_cache(run):
-    return run_value(run, "model.encoder_mode") == "frozen"
+    """Frozen runs train from the feature cache, unless cache.enabled is false (online)."""
+    return run_value(run, "model.encoder_mode") == "frozen" and bool(run_value(run, "cache.enabled"))
 
 
 def nproc(gpus):
