@@ -36,13 +36,14 @@ plan.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cascade_clip.config import Config, load_config
+from cascade_clip.config import Config, load_config, shared_cache_stages
 from cascade_clip.plan.measured import (
     DEMO_MEASURED,
     DEMO_MEASURED_KEYS,
@@ -102,6 +103,7 @@ class CachePlan:
     index_row: int
     used_by: list[str]
     images_source: str
+    blocks: list[int] = field(default_factory=list)  # what the cache holds (every run's taps)
 
     @property
     def rows(self) -> int | None:
@@ -174,10 +176,14 @@ def make_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> Plan
         facts = split_facts(cfg, cfg.dataset.name, cfg.dataset.root, cfg.dataset.train_split)
         classes = num_classes(cfg.dataset.name, cfg.dataset.root)
         id_bytes = facts.id_bytes or 16
+        # one cache for every frozen run: every block they tap (as workflow/rules/cache.smk)
+        stages = shared_cache_stages(cfg.model.stages, [run_cfgs[run].model.stages for run in frozen])
+        cache_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, stages=stages))
         plan.cache = CachePlan(
-            row=cache_row_for(cfg, plan.shape, classes, id_bytes), images=facts.images,
+            row=cache_row_for(cache_cfg, plan.shape, classes, id_bytes), images=facts.images,
             views=int(cfg.cache.views_per_image), shards=int(wf["cache_shards"]),
             index_row=index_row_bytes(classes, id_bytes), used_by=frozen, images_source=facts.source,
+            blocks=[b for stage in stages for b in stage],
         )
     return plan
 
@@ -339,6 +345,7 @@ def _cache_lines(plan: Plan, results: Path, disk: list[tuple[str, Size, str]],
     side = math.isqrt(row.num_tokens)
     lines = [
         f"Feature cache (read by run(s) {', '.join(cache.used_by)}; in {folder}/; {_free(folder)})",
+        *_cache_sharing_lines(plan),
         f"  per image-view: {row.total:,} bytes ({fmt_bytes(row.total)}) = {row.num_taps} taps x "
         f"{side}x{side} tokens x {row.embed_dim} channels fp16 ({row.taps:,}) + global token "
         f"({row.global_token:,}) + labels/view metadata ({row.metadata:,})",
@@ -360,6 +367,17 @@ def _cache_lines(plan: Plan, results: Path, disk: list[tuple[str, Size, str]],
                     if cfg.cache.compression else ""))
     disk.append(("feature cache", Size(data + index), str(folder)))
     return lines
+
+
+def _cache_sharing_lines(plan: Plan) -> list[str]:
+    """Which blocks the one cache holds and which each run reads, when more than one run reads it."""
+    from cascade_clip.cache import tapped_blocks
+
+    if plan.cache is None or len(plan.cache.used_by) < 2:
+        return []
+    runs = "; ".join(f"{run} [{','.join(map(str, tapped_blocks(plan.run_cfgs[run])))}]"
+                     for run in plan.cache.used_by)
+    return [f"  one cache of blocks [{', '.join(map(str, plan.cache.blocks))}] shared by {runs}"]
 
 
 def _time_lines(plan: Plan) -> list[str]:

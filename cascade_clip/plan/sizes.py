@@ -126,7 +126,9 @@ def runs_of(cfg: Config) -> dict[str, dict[str, Any]]:
     main = wf["main_run"]
     if main not in ablations:
         raise InputError(f"workflow.main_run {main!r} is not one of the ablations {list(ablations)}")
-    runs = {name: dict(ov or {}) for name, ov in ablations.items()}
+    from cascade_clip.paper import row_overrides
+
+    runs = {name: row_overrides(ov) for name, ov in ablations.items()}
     if wf["self_train"]:
         runs[f"{main}_st"] = dict(runs[main], **{"train.setting": "transductive"})
     return runs
