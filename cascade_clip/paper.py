@@ -168,7 +168,7 @@ class Direction:
     paper: float  # row - other, the paper's
     ours: float  # row - other, mean over seeds
     spread: float  # the larger sample std of the two rows (NaN with one seed)
-    verdict: str  # "holds", "reversed", "within spread", "paper level"
+    verdict: str  # "holds", "reversed", "within spread", "paper level", "one seed", "not measured"
 
 
 def compare(row: Mapping[str, float], other: Mapping[str, float], paper_row_: PaperRow,
@@ -178,7 +178,8 @@ def compare(row: Mapping[str, float], other: Mapping[str, float], paper_row_: Pa
     `row`, `other`: ours as {"S": mean, "S_std": std, ...}. A difference of ours counts only
     beyond the larger of the two rows' seed spreads (sample std): inside it the verdict is
     "within spread", whatever the paper says; beyond it, "holds" when its sign is the
-    paper's and "reversed" when not. "paper level": the paper's rows are equal."""
+    paper's and "reversed" when not. "paper level": the paper's rows are equal; "one seed":
+    no spread to judge by."""
     out = []
     for m in metrics:
         paper = getattr(paper_row_, m) - getattr(paper_other, m)
@@ -188,7 +189,9 @@ def compare(row: Mapping[str, float], other: Mapping[str, float], paper_row_: Pa
             verdict = "not measured"
         elif abs(paper) < 0.05:
             verdict = "paper level"
-        elif math.isnan(spread) or abs(ours) <= spread:
+        elif math.isnan(spread):
+            verdict = "one seed"
+        elif abs(ours) <= spread:
             verdict = "within spread"
         else:
             verdict = "holds" if (ours > 0) == (paper > 0) else "reversed"

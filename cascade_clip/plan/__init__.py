@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from cascade_clip.config import Config, load_config, shared_cache_stages
+from cascade_clip.plan.grid import gpu_hour_lines, parameter_lines
 from cascade_clip.plan.measured import (
     DEMO_MEASURED,
     DEMO_MEASURED_KEYS,
@@ -271,6 +272,12 @@ def format_plan(plan: Plan) -> str:
     # time
     lines.append("")
     lines.extend(_time_lines(plan))
+
+    # the grid: parameters as the paper counts them, projected GPU hours (plan/grid.py)
+    lines.append("")
+    lines.extend(parameter_lines(plan))
+    lines.append("")
+    lines.extend(gpu_hour_lines(plan))
     return "\n".join(lines)
 
 
