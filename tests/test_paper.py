@@ -214,3 +214,12 @@ def test_direction_verdicts():
     assert got[0].paper == pytest.approx(-1.0) and got[1].ours == pytest.approx(2.0) and got[2].spread == 1.0
     one = compare(ours(40.0, 45.0, 42.0, math.nan), ours(42.5, 43.0, 42.5, math.nan), p, ref)
     assert {d.verdict for d in one} == {"one seed"}
+
+
+def test_a_row_naming_an_unknown_paper_row_is_refused_by_name():
+    from cascade_clip.errors import InputError
+
+    with pytest.raises(InputError, match=r"ablations\.cascade\.paper: unknown paper row 't4\.nope'"):
+        load_config(ROOT / "config" / "config.yaml", {"ablations": {"cascade": {"paper": "t4.nope"}}})
+    with pytest.raises(InputError, match="paper"):  # the schema: only dotted config keys and `paper`
+        load_config(ROOT / "config" / "config.yaml", {"ablations": {"cascade": {"papers": "t4.cascade"}}})
