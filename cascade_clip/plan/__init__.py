@@ -30,8 +30,8 @@ hold, naming the folder, the bytes needed and free, and the config keys that shr
 Sizes print in decimal units (1 GB = 10^9 bytes).
 
 Modules: `sizes` (what gets written, and the writer's space check), `measured` (what
-benchmarks/NOTES.md measured and when a run matches it); this one assembles and prints the
-plan.
+benchmarks/NOTES.md measured and when a run matches it), `grid` (each run's parameters as the
+paper counts them, the grid's projected GPU hours); this one assembles and prints the plan.
 """
 
 from __future__ import annotations

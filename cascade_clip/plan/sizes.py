@@ -233,7 +233,10 @@ def checkpoint_sizes(cfg: Config, visual: Any = None) -> tuple[CheckpointSizes, 
 
     visual = meta_vision_tower(cfg) if visual is None else visual
     shape = encoder_shape(visual)
-    model = CascadeCLIP(types.SimpleNamespace(visual=visual), cfg.model)  # the head on the CPU
+    import torch
+
+    with torch.device("meta"):  # counts and sizes only: no memory, no initialisation
+        model = CascadeCLIP(types.SimpleNamespace(visual=visual), cfg.model)
     state = model.trainable_state_dict()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable_bytes = sum(p.numel() * p.element_size() for p in params)
