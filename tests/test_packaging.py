@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -143,3 +144,28 @@ def test_lock_pins_every_dependency_of_the_project():
         name = canonicalize_name(req.name)
         assert name in locked, f"{req.name} is not in requirements-lock.txt (run .ci/lock)"
         assert req.specifier.contains(locked[name], prereleases=True), (text, locked[name])
+
+
+def test_the_wheel_installs_the_kernels_as_cascade_clip_kernels_only(tmp_path):
+    """The non-editable install: the wheel holds the kernel modules under cascade_clip/kernels/
+    and nothing at the top level but cascade_clip, and they import from the unpacked wheel."""
+    import zipfile
+
+    build = "import sys; from setuptools import build_meta as b; print(b.build_wheel(sys.argv[1]))"
+    proc = _run_from_repo_root("-c", build, str(tmp_path / "dist"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    wheel = tmp_path / "dist" / proc.stdout.strip().splitlines()[-1]
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        zf.extractall(tmp_path / "site")
+    top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert top == {"cascade_clip"}, top
+    assert {"cascade_clip/kernels/nga.py", "cascade_clip/kernels/seg_loss.py"} <= set(names)
+    # PYTHONPATH comes before site-packages, where the editable install's finder also sits
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    proc = subprocess.run(
+        [sys.executable, "-c", "import cascade_clip.kernels.nga as m; print(m.__file__)"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Path(proc.stdout.strip()) == tmp_path / "site" / "cascade_clip" / "kernels" / "nga.py"
