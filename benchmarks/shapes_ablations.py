@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = rows_for(ablations, tables)
 
     if not args.print_only:
-        targets = [str(results / "eval" / r / "metrics.json") for row in rows for r in run_names(row, seeds)]
+        # as the rules name them: relative to the working folder
+        relative = Path(cfg.results_dir) / cfg.experiment
+        targets = [str(relative / "eval" / r / "metrics.json") for row in rows for r in run_names(row, seeds)]
         cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work),
                "--cores", str(args.cores), *targets]
         print(f"running {len(targets)} evaluations (rows {', '.join(rows)}) x seeds {seeds}", flush=True)
