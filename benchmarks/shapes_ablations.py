@@ -64,8 +64,10 @@ def _bench(path: Path) -> tuple[float, float] | None:
     return (float(records[-1]["s"]), float(records[-1]["cpu_time"])) if records else None
 
 
-def print_tables(results: Path, ablations: dict, seeds: list, dataset: str, main_run: str) -> dict:
-    """The paper beside ours, per table, with the direction verdicts; returns the counts."""
+def print_tables(results: Path, ablations: dict, seeds: list, dataset: str, main_run: str,
+                 markdown: bool = False) -> dict:
+    """The paper beside ours, per table, each row with its direction verdicts against the row
+    the paper compares it with; `markdown`: also one table of every row. Returns the counts."""
     runs = [r for row in ablations for r in run_names(row, seeds)
             if (results / "eval" / r / "metrics.json").is_file()]
     complete = {row for row in ablations if all(r in runs for r in run_names(row, seeds))}
@@ -75,6 +77,8 @@ def print_tables(results: Path, ablations: dict, seeds: list, dataset: str, main
     for p, rec in paper_matches(recs, ablations, dataset, main_run):
         by_id.setdefault(p.id, rec)
     totals = {"holds": 0, "reversed": 0, "within spread": 0}
+    md = ["| table | paper row | run | paper S / U / h | ours S / U / h | against | "
+          "paper's direction S / U / h |", "|---|---|---|---|---|---|---|"]
     for table in paper_tables().values():
         here = [i for i in table.rows if i in by_id]
         if not here or table.name == "main":
@@ -82,27 +86,34 @@ def print_tables(results: Path, ablations: dict, seeds: list, dataset: str, main
         print(f"\n{table.title}  (paper: {paper_row(here[0]).dataset}; ours: {dataset}, `test`, "
               f"mean +- std over {len(seeds)} seed(s))")
         print(f"  {'paper row':<44} {'run':<22} {'paper S / U / h':<18} ours S / U / h")
-        for row_id in here:
-            p, o = paper_row(row_id), ours(by_id[row_id])
-            cells = " / ".join(f"{o[m]:.1f} +- {o[m + '_std']:.1f}" for m in ("S", "U", "h"))
-            paper = f"{p.S:4.1f} / {p.U:4.1f} / {p.h:4.1f}"
-            print(f"  {p.label[:44]:<44} {by_id[row_id]['run']:<22} {paper}   {cells}")
         counts = {"holds": 0, "reversed": 0, "within spread": 0}
         for row_id in here:
-            p = paper_row(row_id)
-            if not p.vs or p.vs not in by_id or by_id[p.vs]["run"] == by_id[row_id]["run"]:
-                continue
-            verdicts = compare(ours(by_id[row_id]), ours(by_id[p.vs]), p, paper_row(p.vs))
-            text = "; ".join(f"{d.metric} paper {d.paper:+.1f}, ours {d.ours:+.1f} +- {d.spread:.1f}: "
-                             f"{d.verdict}" for d in verdicts)
-            print(f"  {p.label[:30]} vs {paper_row(p.vs).label[:24]}: {text}")
-            for d in verdicts:
-                if d.verdict in counts:
-                    counts[d.verdict] += 1
+            p, rec = paper_row(row_id), by_id[row_id]
+            o = ours(rec)
+            cells = " / ".join(f"{o[m]:.1f} +- {o[m + '_std']:.1f}" for m in ("S", "U", "h"))
+            paper = f"{p.S:4.1f} / {p.U:4.1f} / {p.h:4.1f}"
+            print(f"  {p.label[:44]:<44} {rec['run']:<22} {paper}   {cells}")
+            verdicts, against = [], ""
+            if p.vs and p.vs in by_id and by_id[p.vs]["run"] != rec["run"]:
+                against = paper_row(p.vs).label
+                verdicts = compare(o, ours(by_id[p.vs]), p, paper_row(p.vs))
+                text = "; ".join(f"{d.metric} paper {d.paper:+.1f}, ours {d.ours:+.1f} +- {d.spread:.1f} "
+                                 f"{d.verdict}" for d in verdicts)
+                print(f"      against {against}: {text}")
+                for d in verdicts:
+                    if d.verdict in counts:
+                        counts[d.verdict] += 1
+            ours_md = " / ".join(f"{o[m]:.1f} ± {o[m + '_std']:.1f}" for m in ("S", "U", "h"))
+            paper_md = f"{p.S:.1f} / {p.U:.1f} / {p.h:.1f}"
+            verdict_md = " / ".join(d.verdict for d in verdicts)
+            md.append(f"| {table.name[1:]} | {p.label} | `{rec['run']}` | {paper_md} | {ours_md} | "
+                      f"{against} | {verdict_md} |")
         for k, v in counts.items():
             totals[k] += v
         print(f"  the paper's direction: holds {counts['holds']}, reversed {counts['reversed']}, "
               f"within the spread {counts['within spread']} (of S, U, hIoU per compared row)")
+    if markdown:
+        print("\n" + "\n".join(md))
     return totals
 
 
@@ -114,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--tables", help="comma-separated paper tables to run (t4,...,t10); default: all")
     parser.add_argument("--print-only", action="store_true", help="run nothing; print what has finished")
+    parser.add_argument("--markdown", action="store_true", help="also print every row as one markdown table")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
@@ -163,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"(mean {wall / len(jobs):.0f} s a job)")
     other = {k: v for k, v in done.items() if not k.startswith(("train/", "evaluate/"))}
     print("other stages (wall s): " + ", ".join(f"{k} {w:.0f}" for k, (w, _) in other.items()))
-    totals = print_tables(results, ablations, seeds, cfg.dataset.name, main_run)
+    totals = print_tables(results, ablations, seeds, cfg.dataset.name, main_run, args.markdown)
     print(f"\nall tables: the paper's direction holds {totals['holds']}, reversed {totals['reversed']}, "
           f"within the spread {totals['within spread']}")
     return 0
