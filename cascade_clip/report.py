@@ -69,12 +69,16 @@ def _csv_value(value: object) -> object:
     return value
 
 
-def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: str) -> str:
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: str) -> str:
     return (
         f"<html><head><meta charset='utf-8'>{_STYLE}</head><body><h3>{html.escape(title)}</h3>"
-        f"<table><tr>{head}</tr>{body}</table></body></html>\n"
+        f"{_table(header, rows)}</body></html>\n"
     )
 
 
@@ -362,9 +366,7 @@ def _html_page(tables: Sequence[tuple[str, Sequence[str], Sequence[Sequence[str]
     parts = [f"<html><head><meta charset='utf-8'>{_STYLE}</head><body><h3>{html.escape(title)}</h3>",
              f"<p>{html.escape(note)}</p>"]
     for caption, header, rows in tables:
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-        parts.append(f"<h4>{html.escape(caption)}</h4><table><tr>{head}</tr>{body}</table>")
+        parts.append(f"<h4>{html.escape(caption)}</h4>{_table(header, rows)}")
     return "".join(parts) + "</body></html>\n"
 
 
