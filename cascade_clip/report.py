@@ -335,7 +335,9 @@ def paper_tables_report(rows: Sequence[dict], ablations: Mapping[str, Any] | Non
                 rec_out[f"ours_{m}"], rec_out[f"ours_{m}_std"] = o[m], o[f"{m}_std"]
                 rec_out[f"diff_{m}"] = o[m] - getattr(p, m) if same else float("nan")
             records.append(rec_out)
-            paper_cells = [_fmt(p.S), _fmt(p.U), _fmt(p.h) + ("*" if p.h_computed else "")]
+            paper_cells = [_pm(p.S, p.S_spread if p.S_spread is not None else float("nan")),
+                           _pm(p.U, p.U_spread if p.U_spread is not None else float("nan")),
+                           _fmt(p.h) + ("*" if p.h_computed else "")]
             ours_cells = [_pm(o[m], o[f"{m}_std"]) for m in PAPER_SCORES]
             diff = ([f"{rec_out[f'diff_{m}']:+.1f}" for m in PAPER_SCORES] if same
                     else ["other dataset"] * 3)
@@ -351,8 +353,8 @@ def paper_tables_report(rows: Sequence[dict], ablations: Mapping[str, Any] | Non
         writer.writerows({k: _csv_value(r.get(k)) for k in fields} for r in records)
     header = ["paper row", "run", "paper S", "paper U", "paper h", "ours S", "ours U", "ours h", "seeds",
               "ours − paper S", "U", "h"]
-    note = ("mIoU in %; ours: mean ± sample std over training seeds; * hIoU computed here from the "
-            "paper's S and U.")
+    note = ("mIoU in %; ours: mean ± sample std over training seeds; the release's figures: ± the "
+            "spread it states; * hIoU computed here from the paper's S and U.")
     if not sections:
         note = "No run of this config names a paper row (ablations: <row>: paper: [...])."
     (out / "paper.html").write_text(_html_page(

@@ -270,7 +270,7 @@ def test_paper_figures_beside_ours(tmp_path):
     assert t4[2][8:] == ["2", "-0.1", "-0.4", f"{h - 42.2:+.1f}"]
     # the main results: the release's inductive and transductive rows, hIoU computed (*)
     assert [r[1] for r in main[1:]] == ["cascade", "cascade_st"]
-    assert main[2][2:5] == ["41.7", "62.5", "50.0*"] and main[2][5:8] == ["41.0", "60.0", "48.7"]
+    assert main[2][2:5] == ["41.7 ± 0.5", "62.5 ± 1.0", "50.0*"] and main[2][5:8] == ["41.0", "60.0", "48.7"]
     with open(out / "paper.csv") as f:
         records = list(csv.DictReader(f))
     assert [(r["paper_row"], r["run"]) for r in records] == [
