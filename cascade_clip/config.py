@@ -77,9 +77,16 @@ class ModelConfig:
     fusion: Literal["nga", "sum", "concat", "attention"] = "nga"
     nga_sigma: float = 1.0
     nga_learnable: bool = True
+    # fusion "sum" only: learnable per-block weights initialised to 1 (the paper's Table 8
+    # "sum†"); false: a plain sum, as "cascade, no NGA" (Table 4)
+    sum_learnable: bool = False
     query_projection: Literal["independent", "shared"] = "independent"
     relationship_descriptor: bool = True
     cascade: bool = True  # False: one decoder over all taps fused ("multi-layer fusion")
+    # Independent decoders (each with its own query projection) per stage, maps summed; 1 in
+    # the paper's model. 3 gives Table 7's last-layer and multi-layer-fusion models the
+    # cascade's parameter count.
+    decoders_per_stage: int = 1
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     encoder_mode: Literal["frozen", "vpt"] = "frozen"
     vpt_tokens: int = 50
@@ -332,8 +339,24 @@ def _check(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: model.stages repeats a block: {flat}")
     if cfg.model.decoder.layers < 1:
         raise ConfigError(f"{where}: model.decoder.layers must be >= 1")
+    if cfg.model.sum_learnable and cfg.model.fusion != "sum":
+        raise ConfigError(f"{where}: model.sum_learnable needs model.fusion: sum, got {cfg.model.fusion!r}")
     if cfg.evaluate.stride <= 0 or cfg.evaluate.stride > cfg.evaluate.crop_size:
         raise ConfigError(f"{where}: evaluate.stride must be in 1..crop_size")
+    from cascade_clip.paper import check_paper_ids
+
+    check_paper_ids(cfg.extra.get("ablations"), where)
+
+
+def shared_cache_stages(base: list[list[int]], runs: list[list[list[int]]]) -> list[list[int]]:
+    """The `model.stages` the one feature cache of a workflow is written with, from the
+    config's own stages and those of every run that trains from the cache: the config's
+    when they tap exactly the blocks those runs tap, else one stage of every block those runs
+    tap, ascending. A cache serves any run that taps a subset of its blocks."""
+    union = sorted({b for stages in runs for stage in stages for b in stage})
+    if not union or set(union) == {b for stage in base for b in stage}:
+        return base
+    return [union]
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Reads `<results>/eval/<run>/metrics.json`, `<results>/eval/cross/<dataset>/metrics.json`,
 `<results>/runs/<run>/log.jsonl` and Snakemake's `<results>/benchmarks/**/*.tsv`; writes
-summary.{html,csv}, per_class.html, curves.png, runtimes.html and examples/.
+summary.{html,csv}, paper.{html,csv} (the paper's figures beside ours), per_class.html,
+curves.png, runtimes.html and examples/.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ import json
 import math
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cascade_clip.errors import InputError, MissingInputError
+
+if TYPE_CHECKING:
+    from cascade_clip.paper import PaperRow
 
 # What each run name means in the tables (names not listed are shown as they are).
 RUN_LABELS = {
@@ -64,12 +69,16 @@ def _csv_value(value: object) -> object:
     return value
 
 
-def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: str) -> str:
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: str) -> str:
     return (
         f"<html><head><meta charset='utf-8'>{_STYLE}</head><body><h3>{html.escape(title)}</h3>"
-        f"<table><tr>{head}</tr>{body}</table></body></html>\n"
+        f"{_table(header, rows)}</body></html>\n"
     )
 
 
@@ -93,7 +102,8 @@ def row_of(run: str) -> str:
     return SEED_SUFFIX.sub("", run)
 
 
-def _run_row(results: Path, run: str) -> dict:
+def run_row(results: Path, run: str) -> dict:
+    """One run's scores from its metrics.json, labelled."""
     m = read_metrics(results / "eval" / run / "metrics.json")
     return {
         "run": run,
@@ -126,8 +136,8 @@ def seed_groups(runs: Sequence[str]) -> dict[str, list[str]]:
     return groups
 
 
-def _seed_tables(per_run: list[dict], groups: dict[str, list[str]], out: Path) -> list[dict]:
-    """Several seeds: summary = mean ± std per row; per_seed.{html,csv} = every run."""
+def row_means(per_run: list[dict], groups: dict[str, list[str]]) -> list[dict]:
+    """One record per ablation row: each score's mean and sample std over its seed runs."""
     by_run = {r["run"]: r for r in per_run}
     rows = []
     for row, members in groups.items():
@@ -137,6 +147,12 @@ def _seed_tables(per_run: list[dict], groups: dict[str, list[str]], out: Path) -
             rec[key], rec[f"{key}_std"] = _mean_std([by_run[m][key] for m in members])
         rec["num_images"] = first["num_images"]
         rows.append(rec)
+    return rows
+
+
+def _seed_tables(per_run: list[dict], groups: dict[str, list[str]], out: Path) -> list[dict]:
+    """Several seeds: summary = mean ± std per row; per_seed.{html,csv} = every run."""
+    rows = row_means(per_run, groups)
     with open(out / "per_seed.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(per_run[0]))
         writer.writeheader()
@@ -154,7 +170,7 @@ def _seed_tables(per_run: list[dict], groups: dict[str, list[str]], out: Path) -
 def summary_tables(results: Path, runs: Sequence[str], cross: Sequence[str], out: Path) -> list[dict]:
     """summary.{html,csv}: one row per run; with several training seeds per row, one row per
     ablation row with mean ± sample std over its seeds (and per_seed.{html,csv})."""
-    per_run = [_run_row(results, run) for run in runs]
+    per_run = [run_row(results, run) for run in runs]
     groups = seed_groups(runs)
     several = any(len(m) > 1 for m in groups.values())
     rows = _seed_tables(per_run, groups, out) if several else per_run
@@ -284,6 +300,100 @@ def copy_examples(examples: Path, out: Path) -> None:
         shutil.copy2(png, dest / png.name)
 
 
+# --- the paper beside ours (docs/design.md: The paper's experiments) -------------------------
+
+PAPER_SCORES = {"S": "miou_seen", "U": "miou_unseen", "h": "hiou"}
+
+
+def paper_matches(rows: Sequence[dict], ablations: Mapping[str, Any] | None, dataset: str | None,
+                  main_run: str | None) -> list[tuple[PaperRow, dict]]:
+    """(paper row, our row record from `row_means`) for every row whose ablation names paper
+    rows, and for the main run and its self-training run the main-results row of the
+    dataset and setting; in the paper's table order."""
+    from cascade_clip.paper import main_result_row, paper_row, paper_tables, row_paper_ids
+
+    pairs: dict[str, list[dict]] = {}
+    for rec in rows:
+        ids = row_paper_ids((ablations or {}).get(rec["run"]))
+        if main_run is not None and dataset is not None and rec["run"] in (main_run, f"{main_run}_st"):
+            main = main_result_row(dataset, rec["setting"])
+            ids = ids + ([main.id] if main is not None else [])
+        for row_id in ids:
+            pairs.setdefault(row_id, []).append(rec)
+    order = [row_id for t in paper_tables().values() for row_id in t.rows]
+    return [(paper_row(row_id), rec) for row_id in order for rec in pairs.get(row_id, [])]
+
+
+def ours(rec: dict) -> dict[str, float]:
+    """An our-row record as {"S": mean, "S_std": std, "U": ..., "h": ...}."""
+    out = {}
+    for short, key in PAPER_SCORES.items():
+        out[short] = rec[key]
+        out[f"{short}_std"] = rec.get(f"{key}_std", float("nan"))
+    return out
+
+
+def paper_tables_report(rows: Sequence[dict], ablations: Mapping[str, Any] | None, dataset: str | None,
+                        main_run: str | None, out: Path) -> list[dict]:
+    """paper.{html,csv}: per paper table with a run, laid out as the paper's: its rows, the
+    paper's S / U / h, ours (mean ± std over seeds, n) and ours − paper (only when the run's
+    dataset is the paper row's: the shapes miniature's rows stand beside COCO-Stuff's)."""
+    from cascade_clip.paper import paper_sources, paper_tables
+
+    matches = paper_matches(rows, ablations, dataset, main_run)
+    records, sections = [], []
+    for table in paper_tables().values():
+        here = [(p, rec) for p, rec in matches if p.table == table.name]
+        if not here:
+            continue
+        body = []
+        for p, rec in here:
+            o = ours(rec)
+            same = p.dataset == dataset
+            rec_out = {"table": table.name, "paper_row": p.id, "run": rec["run"], "seeds": rec["seeds"],
+                       "dataset": dataset, "paper_dataset": p.dataset}
+            for m in PAPER_SCORES:
+                rec_out[f"paper_{m}"] = getattr(p, m)
+                rec_out[f"ours_{m}"], rec_out[f"ours_{m}_std"] = o[m], o[f"{m}_std"]
+                rec_out[f"diff_{m}"] = o[m] - getattr(p, m) if same else float("nan")
+            records.append(rec_out)
+            paper_cells = [_pm(p.S, p.S_spread if p.S_spread is not None else float("nan")),
+                           _pm(p.U, p.U_spread if p.U_spread is not None else float("nan")),
+                           _fmt(p.h) + ("*" if p.h_computed else "")]
+            ours_cells = [_pm(o[m], o[f"{m}_std"]) for m in PAPER_SCORES]
+            diff = ([f"{rec_out[f'diff_{m}']:+.1f}" for m in PAPER_SCORES] if same
+                    else ["other dataset"] * 3)
+            body.append([p.label, rec["run"], *paper_cells, *ours_cells, str(rec["seeds"]), *diff])
+        cite = paper_sources()[table.source]["cite"]
+        sections.append((f"{table.title} (source: {cite})", body))
+    fields = ["table", "paper_row", "run", "seeds", "dataset", "paper_dataset"] + [
+        f"{w}_{m}{sfx}" for w, sfxs in (("paper", ("",)), ("ours", ("", "_std")), ("diff", ("",)))
+        for m in PAPER_SCORES for sfx in sfxs]
+    with open(out / "paper.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows({k: _csv_value(r.get(k)) for k in fields} for r in records)
+    header = ["paper row", "run", "paper S", "paper U", "paper h", "ours S", "ours U", "ours h", "seeds",
+              "ours − paper S", "U", "h"]
+    note = ("mIoU in %; ours: mean ± sample std over training seeds; the release's figures: ± the "
+            "spread it states; * hIoU computed here from the paper's S and U.")
+    if not sections:
+        note = "No run of this config names a paper row (ablations: <row>: paper: [...])."
+    (out / "paper.html").write_text(_html_page(
+        [(title, header, body) for title, body in sections], "The paper beside ours", note))
+    return records
+
+
+def _html_page(tables: Sequence[tuple[str, Sequence[str], Sequence[Sequence[str]]]], title: str,
+               note: str) -> str:
+    """Several titled tables on one page."""
+    parts = [f"<html><head><meta charset='utf-8'>{_STYLE}</head><body><h3>{html.escape(title)}</h3>",
+             f"<p>{html.escape(note)}</p>"]
+    for caption, header, rows in tables:
+        parts.append(f"<h4>{html.escape(caption)}</h4>{_table(header, rows)}")
+    return "".join(parts) + "</body></html>\n"
+
+
 def build_report(
     results: Path,
     runs: Sequence[str],
@@ -291,9 +401,16 @@ def build_report(
     examples: Path,
     out: Path,
     cross: Sequence[str] = (),
+    ablations: Mapping[str, Any] | None = None,
+    dataset: str | None = None,
+    main_run: str | None = None,
 ) -> list[dict]:
+    """Every table and figure; `ablations`, `dataset` and `main_run` (the config's) place the
+    paper's figures beside the runs (paper.{html,csv})."""
     out.mkdir(parents=True, exist_ok=True)
     rows = summary_tables(results, runs, cross, out)
+    per_run = [run_row(results, run) for run in runs]
+    paper_tables_report(row_means(per_run, seed_groups(runs)), ablations, dataset, main_run, out)
     per_class_table(results, runs, unseen, out)
     curves_figure(results, [r for r in runs if r != "frozen_clip"], out)
     runtimes_table(results, out)

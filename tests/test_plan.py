@@ -225,6 +225,29 @@ def test_cache_job_time_limits_follow_the_rows(tmp_path):
     assert plan.cache_job_minutes(other, 4, gpus=1)[0] == 12 * 60  # not known before prepare
 
 
+def test_plan_of_the_coco_grid(tmp_path, capsys):
+    """The ablation grid: parameters ours and as the paper counts them (Table 7: 40.5 M for all
+    three), the one cache and who reads which blocks, and the projected GPU hours."""
+    out = _plan_text(capsys, "--config", str(ROOT / "config/coco_stuff_ablations.yaml"),
+                     "--set", f"dataset.root={tmp_path / 'coco'}")
+    lines = {line.split()[0]: line for line in out.splitlines() if " as the paper counts " in line}
+    cascade = "23,117,574 ours,   40,463,622 as the paper counts (40.5 M); paper t7.cascade: 40.5 M"
+    assert cascade in lines["cascade"]
+    assert "(40.5 M); paper t7.last_layer: 40.5 M" in lines["t7_last_layer"]
+    assert "(40.5 M); paper t7.multi_layer_fusion: 40.5 M" in lines["t7_multi_layer_fusion"]
+    assert "8,407,808 ours" in lines["t4_no_cascade"] and "paper t" not in lines["t4_no_cascade"]
+    shared = ("one cache of blocks [6, 7, 8, 9, 10, 11, 12] shared by frozen [6,7,8,9,10,11,12]; "
+              "t10_frozen_clip [12]")
+    assert shared in out
+    # 20 rows of 80,000 and self-training's 40,000 iterations, each at the nearest measured rate
+    assert ("cascade                 80,000 it at 2.59 it/s: 8.6 h on 4 GPUs = 34.3 GPU h; "
+            "differs: train.amp false (measured true)") in out
+    assert "frozen                  80,000 it at 5.82 it/s: 3.8 h on 4 GPUs = 15.3 GPU h" in out
+    hours = 18 * 80_000 / 2.59 + 2 * 80_000 / 5.82 + 40_000 / 2.59  # 18 vpt rows, 2 frozen, self-training
+    evals = 24 * 5000 / 2.3  # 21 runs, 2 cross-dataset targets, frozen CLIP
+    assert f"total: {(4 * hours + evals) / 3600:.0f} GPU h (training {4 * hours / 3600:.0f}, " in out
+
+
 def test_plan_voc_without_a_cache(capsys):
     out = _plan_text(capsys, "--config", str(ROOT / "config/voc.yaml"), "--set", "ablations={cascade: {}}")
     assert "Feature cache: none" in out and "VOCtrainval_11-May-2012.tar        2.00 GB" in out

@@ -51,7 +51,9 @@ def _step(path: Path) -> int:
 @pytest.mark.slow
 def test_killed_workflow_resumes_without_losing_work(tmp_path):
     """Also the whole tiny workflow in folders whose names have spaces and a quote (working
-    directory, results, resources): every stage's command gets them whole."""
+    directory, results, resources): every stage's command gets them whole. And a second row
+    that taps a block outside the config's stages trains from the one feature cache, which
+    holds every block the rows tap; the report sets the paper row it names beside it."""
     work = tmp_path / "work dir"
     work.mkdir()
     results = tmp_path / "my results"
@@ -60,6 +62,8 @@ def test_killed_workflow_resumes_without_losing_work(tmp_path):
     cfg["self_train"] = {"iters": 4, "start_fraction": HALF / ITERS}
     cfg["workflow"]["self_train"] = True
     cfg["ablations"]["online"] = {"cache.enabled": False, "train.iters": 4, "train.checkpoint_interval": 2}
+    # blocks 2 and 6 (the config's stages tap 3-6), a few steps: beside the killed run
+    cfg["ablations"]["early"] = {"paper": "t6.9-11_12", "model.stages": [[2], [6]], "train.iters": 4}
     (work / "config").mkdir()
     (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
     run = results / "shapes" / "runs" / "cascade"
@@ -108,6 +112,13 @@ def test_killed_workflow_resumes_without_losing_work(tmp_path):
         metrics = json.loads((results / "shapes" / "eval" / name / "metrics.json").read_text())
         assert math.isfinite(metrics["hiou"]) and metrics["num_images"] == 4, name
     assert (results / "shapes" / "report" / "summary.csv").is_file()
+    from cascade_clip.cache.index import open_layout
+
+    exp = results / "shapes"
+    assert open_layout(exp / "cache" / "train.h5").blocks == [2, 3, 4, 5, 6]  # one cache, every row's blocks
+    early = json.loads((exp / "eval" / "early" / "metrics.json").read_text())
+    assert math.isfinite(early["hiou"]) and _step(exp / "runs" / "early" / "model_final.pt") == 4
+    assert "Table 6: the number of cascaded decoders" in (exp / "report" / "paper.html").read_text()
     assert not list(tmp_path.rglob("INJECTED"))
 
     # The world is generated anew (another shapes setting; the moved world has no Snakemake

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import html
 import json
 import math
 from html.parser import HTMLParser
@@ -244,3 +245,65 @@ def test_several_training_seeds_give_mean_and_std_and_a_per_seed_table(tmp_path)
     assert float(records["cascade"]["miou_seen_std"]) == pytest.approx(math.sqrt(50))
     assert records["cascade"]["seeds"] == "2" and records["frozen_clip"]["miou_seen_std"] == ""
     assert [r[0] for r in table(out / "per_seed.html")[1:]] == ["frozen_clip", "cascade", "cascade_seed1"]
+
+
+def _tables(path) -> dict[str, list[list[str]]]:
+    """paper.html: caption (h4) -> the rows of the table under it."""
+    import re
+
+    text = path.read_text()
+    out = {}
+    for caption, body in re.findall(r"<h4>(.*?)</h4>(<table>.*?</table>)", text):
+        parser = _Table()
+        parser.feed(body)
+        out[html.unescape(caption).split(" (source")[0]] = parser.rows
+    return out
+
+
+def test_paper_figures_beside_ours(tmp_path):
+    """Runs that name paper rows: each paper table that has one, laid out as the paper's, the
+    paper's S / U / h, ours (mean ± std, n) and ours - paper; the main run and its
+    self-training run beside the main results of their dataset and setting."""
+    res, examples = _results(tmp_path)
+    _write_metrics(res / "eval/cascade_seed1/metrics.json", _metrics(42.0, 44.0, {"a": 42.0, "b": 44.0}))
+    _write_metrics(res / "eval/cascade/metrics.json", _metrics(40.0, 42.0, {"a": 40.0, "b": 42.0}))
+    _write_metrics(res / "eval/single/metrics.json", _metrics(39.0, 38.0, {"a": 39.0, "b": 38.0}))
+    _write_metrics(res / "eval/cascade_st/metrics.json", _metrics(41.0, 60.0, {"a": 41.0, "b": 60.0}),
+                   setting="transductive")
+    ablations = {"cascade": {"paper": ["t4.cascade_nga", "t9.independent"]},
+                 "single": {"paper": "t4.no_cascade", "model.stages": [[12]]}}
+    runs = ["frozen_clip", "cascade", "cascade_seed1", "single", "cascade_st"]
+    out = tmp_path / "report"
+    build_report(res, runs, ["b"], examples, out, ablations=ablations, dataset="coco_stuff_164k",
+                 main_run="cascade")
+    tables = _tables(out / "paper.html")
+    assert list(tables) == [
+        "Main results (stand-in for the paper's Tables 2 and 3: the release README's averages)",
+        "Table 4: the cascade and NGA",
+        "Table 9: shared or independent text embeddings (query projections)",
+    ]
+    main, t4 = tables[list(tables)[0]], tables["Table 4: the cascade and NGA"]
+    assert t4[0][:3] == ["paper row", "run", "paper S"]
+    # the paper's order: no cascade first; ours mean ± std over two seeds; ours - paper
+    assert t4[1] == ["no cascade, no NGA (one decoder, block 12)", "single", "40.1", "39.5", "39.8",
+                     "39.0", "38.0", "38.5", "1", "-1.1", "-1.5", "-1.3"]
+    h = (2 * 40 * 42 / 82 + 2 * 42 * 44 / 86) / 2
+    assert t4[2][:8] == ["cascade + NGA", "cascade", "41.1", "43.4", "42.2", "41.0 ± 1.4", "43.0 ± 1.4",
+                         f"{h:.1f} ± 1.4"]
+    assert t4[2][8:] == ["2", "-0.1", "-0.4", f"{h - 42.2:+.1f}"]
+    # the main results: the release's inductive and transductive rows, hIoU computed (*)
+    assert [r[1] for r in main[1:]] == ["cascade", "cascade_st"]
+    assert main[2][2:5] == ["41.7 ± 0.5", "62.5 ± 1.0", "50.0*"] and main[2][5:8] == ["41.0", "60.0", "48.7"]
+    with open(out / "paper.csv") as f:
+        records = list(csv.DictReader(f))
+    assert [(r["paper_row"], r["run"]) for r in records] == [
+        ("main.coco_stuff_164k.inductive", "cascade"), ("main.coco_stuff_164k.transductive", "cascade_st"),
+        ("t4.no_cascade", "single"), ("t4.cascade_nga", "cascade"), ("t9.independent", "cascade")]
+    assert float(records[2]["diff_S"]) == pytest.approx(-1.1)
+
+    # Another dataset (the shapes miniature): the paper's rows beside ours, no difference.
+    build_report(res, runs, ["b"], examples, out, ablations=ablations, dataset="shapes", main_run="cascade")
+    t4 = _tables(out / "paper.html")["Table 4: the cascade and NGA"]
+    assert t4[1][-3:] == ["other dataset"] * 3 and t4[1][2] == "40.1"
+    build_report(res, ["cascade"], ["b"], examples, out)  # no ablations given: a page that says so
+    assert "No run of this config names a paper row" in (out / "paper.html").read_text()

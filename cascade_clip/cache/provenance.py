@@ -62,6 +62,7 @@ NOT_FEATURE_KEYS = (
     # the head, after the cache
     "model.fusion", "model.nga_sigma", "model.nga_learnable", "model.query_projection",
     "model.relationship_descriptor", "model.cascade", "model.seen_calibration",
+    "model.decoders_per_stage", "model.sum_learnable",
     "model.decoder.layers", "model.decoder.heads", "model.decoder.ffn_dim", "model.decoder.dropout",
     "model.decoder.input_adapter",
 )

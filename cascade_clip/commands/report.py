@@ -21,12 +21,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cascade_clip.plan.sizes import workflow_settings
     from cascade_clip.report import build_report, fmt_score
 
-    config_from_args(args)  # refuse a bad config here too
+    cfg = config_from_args(args)  # refuse a bad config here too
     results = Path(args.results)
     split = json.loads((results / "split.json").read_text())
-    rows = build_report(results, args.runs, split["unseen"], Path(args.examples), Path(args.out), args.cross)
+    rows = build_report(results, args.runs, split["unseen"], Path(args.examples), Path(args.out), args.cross,
+                        ablations=cfg.extra.get("ablations"), dataset=cfg.dataset.name,
+                        main_run=workflow_settings(cfg)["main_run"])
     for r in rows:
         seen, unseen, hiou = (fmt_score(r[k], "5.1f") for k in ("miou_seen", "miou_unseen", "hiou"))
         print(f"{r['model']:<50} S {seen}  U {unseen}  hIoU {hiou}")

@@ -28,8 +28,9 @@ def nga_init(num_blocks: int, sigma: float) -> torch.Tensor:
 class StageFusion(nn.Module):
     """Fuse one stage's tapped blocks (n, B, N, C) into one map (B, N, C).
 
-    nga: learnable unnormalised Gaussian-initialised weights (fused kernel);
-    sum: plain sum; concat: channel concat + Linear; attention: per-pixel softmax over blocks.
+    nga: unnormalised Gaussian-initialised weights (fused kernel), learnable or fixed;
+    sum: plain sum, or with `learnable` per-block weights initialised to 1 (the paper's
+    Table 8 "sum†"); concat: channel concat + Linear; attention: per-pixel softmax over blocks.
     A one-block stage is passed through unchanged whatever the mode.
     """
 
@@ -41,6 +42,9 @@ class StageFusion(nn.Module):
         self.num_blocks = num_blocks
         if self.mode == "nga":
             self.weights = nn.Parameter(nga_init(num_blocks, sigma), requires_grad=learnable)
+        elif self.mode == "sum" and learnable:
+            self.mode = "weighted_sum"
+            self.weights = nn.Parameter(torch.ones(num_blocks))
         elif self.mode == "concat":
             self.proj = nn.Linear(num_blocks * dim, dim)
         elif self.mode == "attention":
@@ -49,7 +53,7 @@ class StageFusion(nn.Module):
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         if self.mode == "identity":
             return feats[0]
-        if self.mode == "nga":
+        if self.mode in ("nga", "weighted_sum"):
             return nga(feats, self.weights.to(feats.dtype))
         if self.mode == "sum":
             return feats.sum(0)
@@ -102,6 +106,7 @@ class StageDecoder(nn.Module):
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.heads = heads
+        self.ffn_dim = ffn_dim
         self.scale = 1.0 / (heads * math.sqrt(dim // heads))
 
     def forward(self, queries: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,6 +122,12 @@ class CascadeHead(nn.Module):
 
     forward(taps (L, B, N, C), global_token (B, C), text (K, C), grid (h, w)) -> (B, K, h, w)
     logits: the sum over stages of each stage decoder's pixel-text similarity map.
+
+    `model.decoders_per_stage` (1 in the paper's model) gives every stage that many
+    independent decoders, each with its own query projection, all maps summed: the
+    paper's Table 7 compares the last layer and multi-layer fusion with the cascade at the
+    cascade's parameter count, which three decoders on one stage reproduce exactly.
+    Decoder d of stage s is `decoders[s * decoders_per_stage + d]`.
     """
 
     def __init__(self, cfg: ModelConfig, embed_dim: int):
@@ -125,22 +136,24 @@ class CascadeHead(nn.Module):
         width = embed_dim  # decoder width = CLIP embedding width (512 for ViT-B/16)
         # With cascade off, one decoder sees every tapped block fused ("multi-layer fusion").
         self.stage_sizes = [len(s) for s in cfg.stages] if cfg.cascade else [sum(map(len, cfg.stages))]
+        learnable = cfg.sum_learnable if cfg.fusion == "sum" else cfg.nga_learnable
         self.fusions = nn.ModuleList(
-            [
-                StageFusion(n, embed_dim, cfg.fusion, cfg.nga_sigma, cfg.nga_learnable)
-                for n in self.stage_sizes
-            ]
+            [StageFusion(n, embed_dim, cfg.fusion, cfg.nga_sigma, learnable) for n in self.stage_sizes]
         )
+        if cfg.decoders_per_stage < 1:
+            raise InputError(f"decoders_per_stage must be >= 1, got {cfg.decoders_per_stage}")
+        self.per_stage = cfg.decoders_per_stage
+        num_decoders = len(self.stage_sizes) * self.per_stage
         self.relationship_descriptor = cfg.relationship_descriptor
         in_dim = 2 * embed_dim if cfg.relationship_descriptor else embed_dim
-        num_proj = len(self.stage_sizes) if cfg.query_projection == "independent" else 1
+        num_proj = num_decoders if cfg.query_projection == "independent" else 1
         if cfg.query_projection not in ("independent", "shared"):
             raise InputError(f"query_projection must be independent or shared, got {cfg.query_projection!r}")
         self.query_projs = nn.ModuleList([nn.Linear(in_dim, width) for _ in range(num_proj)])
         self.decoders = nn.ModuleList(
             [
                 StageDecoder(width, dec.heads, dec.layers, dec.ffn_dim, dec.dropout, dec.input_adapter)
-                for _ in self.stage_sizes
+                for _ in range(num_decoders)
             ]
         )
         self.scale = self.decoders[0].scale
@@ -172,10 +185,11 @@ class CascadeHead(nn.Module):
         for s, n in enumerate(self.stage_sizes):
             pixels = self.fusions[s](taps[start : start + n])  # (B, N, C)
             start += n
-            queries = self.query_projs[s % len(self.query_projs)](r)  # (B, K, D)
-            q, k = self.decoders[s](queries, pixels)
-            qs.append(q)
-            ks.append(k)
+            for d in range(s * self.per_stage, (s + 1) * self.per_stage):
+                queries = self.query_projs[d % len(self.query_projs)](r)  # (B, K, D)
+                q, k = self.decoders[d](queries, pixels)
+                qs.append(q)
+                ks.append(k)
         # One fused call: scale * sum_s q_s k_s^T -> (B, K, N), fp32.
         logits = pixel_text_logits(torch.stack(ks), torch.stack(qs), self.scale)
         b, k_cls, _ = logits.shape

@@ -31,8 +31,8 @@ hold, naming the folder, the bytes needed and free, and the config keys that shr
 Sizes print in decimal units (1 GB = 10^9 bytes).
 
 Modules: `sizes` (what gets written, and the writer's space check), `measured` (what
-benchmarks/NOTES.md measured and when a run matches it); this one assembles and prints the
-plan.
+benchmarks/NOTES.md measured and when a run matches it), `grid` (each run's parameters as the
+paper counts them, the grid's projected GPU hours); this one assembles and prints the plan.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cascade_clip.config import Config, load_config
+from cascade_clip.config import Config, load_config, shared_cache_stages
+from cascade_clip.plan.grid import gpu_hour_lines, parameter_lines
 from cascade_clip.plan.measured import (
     DEMO_MEASURED,
     DEMO_MEASURED_KEYS,
@@ -106,6 +107,7 @@ class CachePlan:
     used_by: list[str]  # frozen runs that train from the cache
     images_source: str
     online: list[str] = field(default_factory=list)  # frozen runs without it (cache.enabled: false)
+    blocks: list[int] = field(default_factory=list)  # what the cache holds (every reading run's taps)
 
     @property
     def rows(self) -> int | None:
@@ -181,11 +183,15 @@ def make_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> Plan
         facts = split_facts(cfg, cfg.dataset.name, cfg.dataset.root, cfg.dataset.train_split)
         classes = num_classes(cfg.dataset.name, cfg.dataset.root, cfg.dataset.source)
         id_bytes = facts.id_bytes or 16
+        # one cache for every run that reads it: every block they tap (as workflow/rules/cache.smk)
+        stages = shared_cache_stages(cfg.model.stages, [run_cfgs[run].model.stages for run in cached])
+        cache_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, stages=stages))
         plan.cache = CachePlan(
-            row=cache_row_for(cfg, plan.shape, classes, id_bytes), images=facts.images,
+            row=cache_row_for(cache_cfg, plan.shape, classes, id_bytes), images=facts.images,
             views=int(cfg.cache.views_per_image), shards=int(wf["cache_shards"]),
             index_row=index_row_bytes(classes, id_bytes), used_by=cached, images_source=facts.source,
             online=[run for run in frozen if run not in cached],
+            blocks=[block for stage in stages for block in stage],
         )
     return plan
 
@@ -273,6 +279,12 @@ def format_plan(plan: Plan) -> str:
     # time
     lines.append("")
     lines.extend(_time_lines(plan))
+
+    # the grid: parameters as the paper counts them, projected GPU hours (plan/grid.py)
+    lines.append("")
+    lines.extend(parameter_lines(plan))
+    lines.append("")
+    lines.extend(gpu_hour_lines(plan))
     return "\n".join(lines)
 
 
@@ -348,7 +360,8 @@ def _cache_lines(plan: Plan, results: Path, disk: list[tuple[str, Size, str]],
     online = (f"run(s) {', '.join(cache.online)} train online from the images, encoding every step "
               "(cache.enabled: false)")
     if cache.used_by:
-        lines = [f"Feature cache (read by run(s) {', '.join(cache.used_by)}; in {folder}/; {_free(folder)})"]
+        lines = [f"Feature cache (read by run(s) {', '.join(cache.used_by)}; in {folder}/; {_free(folder)})",
+                 *_cache_sharing_lines(plan)]
         if cache.online:
             lines.append(f"  {online}")
     else:
@@ -390,6 +403,17 @@ def _train_time(rcfg: Config, shape: EncoderShape, wf: dict[str, Any], iters: in
     if m is None:
         return f"not measured: {why}"
     return f"~{fmt_duration(iters / m.rate)} at {m.rate} it/s ({m.source}: {m.caveat})"
+
+
+def _cache_sharing_lines(plan: Plan) -> list[str]:
+    """Which blocks the one cache holds and which each run reads, when more than one run reads it."""
+    from cascade_clip.cache import tapped_blocks
+
+    if plan.cache is None or len(plan.cache.used_by) < 2:
+        return []
+    runs = "; ".join(f"{run} [{','.join(map(str, tapped_blocks(plan.run_cfgs[run])))}]"
+                     for run in plan.cache.used_by)
+    return [f"  one cache of blocks [{', '.join(map(str, plan.cache.blocks))}] shared by {runs}"]
 
 
 def _time_lines(plan: Plan) -> list[str]:

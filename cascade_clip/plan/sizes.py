@@ -130,7 +130,9 @@ def runs_of(cfg: Config) -> dict[str, dict[str, Any]]:
     main = wf["main_run"]
     if main not in ablations:
         raise InputError(f"workflow.main_run {main!r} is not one of the ablations {list(ablations)}")
-    runs = {name: dict(ov or {}) for name, ov in ablations.items()}
+    from cascade_clip.paper import row_overrides
+
+    runs = {name: row_overrides(ov) for name, ov in ablations.items()}
     if wf["self_train"]:
         runs[f"{main}_st"] = dict(runs[main], **{"train.setting": "transductive"})
     return runs
@@ -214,6 +216,7 @@ class CheckpointSizes:
     trainable_params: int
     trainable_tensors: int
     optimizer_bytes: int  # AdamW: exp_avg + exp_avg_sq (parameter dtype) + a fp32 step each
+    release_params: int = 0  # trainable parameters as the paper counts them (paper.release_parameters)
 
     @property
     def last_bytes(self) -> int:
@@ -230,10 +233,14 @@ def checkpoint_sizes(cfg: Config, visual: Any = None) -> tuple[CheckpointSizes, 
     """What one run of `cfg` keeps in its checkpoints, from the model built on `visual`
     (default: the config's vision tower on the meta device)."""
     from cascade_clip.model import CascadeCLIP
+    from cascade_clip.paper import release_parameters
 
     visual = meta_vision_tower(cfg) if visual is None else visual
     shape = encoder_shape(visual)
-    model = CascadeCLIP(types.SimpleNamespace(visual=visual), cfg.model)  # the head on the CPU
+    import torch
+
+    with torch.device("meta"):  # counts and sizes only: no memory, no initialisation
+        model = CascadeCLIP(types.SimpleNamespace(visual=visual), cfg.model)
     state = model.trainable_state_dict()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable_bytes = sum(p.numel() * p.element_size() for p in params)
@@ -243,6 +250,7 @@ def checkpoint_sizes(cfg: Config, visual: Any = None) -> tuple[CheckpointSizes, 
         trainable_params=sum(p.numel() for p in params),
         trainable_tensors=len(params),
         optimizer_bytes=2 * trainable_bytes + 4 * len(params),
+        release_params=release_parameters(model),
     ), shape
 
 

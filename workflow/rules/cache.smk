@@ -9,8 +9,14 @@ from cascade_clip.plan.sizes import cache_job_minutes
 SHARDS = int(WF["cache_shards"])
 # The cache holds the config's model in frozen mode, also when the main run trains prompts
 # (vpt) and only an ablation row (`frozen`) reads the cache: the stages write and verify it
-# with this override. Runs that read it tap a subset of the config's blocks.
+# with these overrides. One cache serves every run that trains from it: it holds every block
+# those runs tap (shared_cache_stages), so a row may tap blocks outside the config's stages.
 CACHE_OVERRIDES = {} if config["model"]["encoder_mode"] == "frozen" else {"model.encoder_mode": "frozen"}
+CACHE_STAGES = shared_cache_stages(
+    config["model"]["stages"], [run_value(run, "model.stages") for run in RUNS if run_uses_cache(run)]
+)
+if CACHE_STAGES != config["model"]["stages"]:
+    CACHE_OVERRIDES["model.stages"] = CACHE_STAGES
 # Time limits that follow the rows a job handles (SLURM's runtime; cascade_clip.plan.sizes).
 SHARD_MINUTES, JOIN_MINUTES = cache_job_minutes(WORKFLOW_CONFIG, SHARDS, int(WF["cache_gpus"]))
 # Rows whose values the join checks: each shard's own job read back and checked every row.

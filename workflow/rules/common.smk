@@ -6,6 +6,9 @@ from pathlib import Path
 
 import yaml
 
+from cascade_clip.config import shared_cache_stages
+from cascade_clip.paper import row_overrides
+
 EXP = config["experiment"]
 RESULTS = Path(config["results_dir"]) / EXP
 LOGS = RESULTS / "logs"
@@ -15,7 +18,7 @@ DATASET = config["dataset"]["name"]
 DATA_ROOT = config["dataset"]["root"]
 DOWNLOADS = WF["downloads_dir"]
 IS_SHAPES = DATASET == "shapes"
-ABLATIONS = config["ablations"]  # row name -> {dotted.key: value}
+ABLATIONS = config["ablations"]  # row name -> {dotted.key: value, and `paper`: its paper ids}
 MAIN_RUN = WF["main_run"]
 SELF_TRAIN_RUN = f"{MAIN_RUN}_st"
 # workflow.seeds: every row (and self-training) trains once per training seed (train.seed)
@@ -74,7 +77,7 @@ def run_overrides(run):
     for self-training those of the main run it starts from plus the transductive setting."""
     if run in ST_MAIN:
         return dict(run_overrides(ST_MAIN[run]), **{"train.setting": "transductive"})
-    ov = dict(ABLATIONS[RUN_ROW[run]])
+    ov = row_overrides(ABLATIONS[RUN_ROW[run]])
     if RUN_SEED[run] is not None:
         ov["train.seed"] = RUN_SEED[run]
     return ov

@@ -17,6 +17,12 @@ rule report:
             category="1. Results",
             labels={"table": "mIoU seen / unseen / hIoU"},
         ),
+        paper=report(
+            REPORT / "paper.html",
+            caption="../report/paper.rst",
+            category="1. Results",
+            labels={"table": "the paper beside ours"},
+        ),
         per_class=report(
             REPORT / "per_class.html",
             caption="../report/per_class.rst",
@@ -49,6 +55,7 @@ rule report:
             labels={"table": "stage run times"},
         ),
         summary_csv=REPORT / "summary.csv",
+        paper_csv=REPORT / "paper.csv",
     params:
         config=CONFIG,
         results=lambda wc, input: str(Path(input.metrics[0]).parents[2]),

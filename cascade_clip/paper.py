@@ -1,0 +1,199 @@
+"""The paper's figures (`cascade_clip/data/paper.yaml`) and how a run compares with them
+(docs/design.md: The paper's experiments).
+
+- `paper_rows()`: every row of the paper's tables by its stable id (`t4.cascade_nga`, ...);
+- `row_paper_ids(row)`, `row_overrides(row)`: an `ablations:` row's paper ids and its config
+  overrides (the `paper` key is not a config key);
+- `release_parameters(model)`: trainable parameters as the paper counts them (Table 7's
+  "40.5 M"), beside this project's count;
+- `compare(...)`: whether the paper's direction between two rows holds in ours, within the
+  seeds' spread.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any
+
+import yaml
+
+from cascade_clip.errors import InputError
+from cascade_clip.metrics import harmonic_iou
+
+PAPER_KEY = "paper"  # the ablation-row key that names paper rows (not a config override)
+
+
+@dataclass(frozen=True)
+class PaperRow:
+    id: str
+    table: str
+    label: str
+    dataset: str
+    setting: str
+    S: float
+    U: float
+    h: float  # the table's, or 2SU/(S+U) when it gives none (h_computed)
+    h_computed: bool
+    source: str
+    vs: str | None = None  # the row it is compared with (the table's reference by default)
+    params_m: float | None = None
+    S_spread: float | None = None
+    U_spread: float | None = None
+
+
+@dataclass(frozen=True)
+class PaperTable:
+    name: str
+    title: str
+    source: str
+    rows: tuple[str, ...]  # row ids in the paper's order
+
+
+@functools.cache
+def _load() -> tuple[dict[str, Any], dict[str, PaperTable], dict[str, PaperRow]]:
+    data = yaml.safe_load(files("cascade_clip.data").joinpath("paper.yaml").read_text())
+    tables: dict[str, PaperTable] = {}
+    rows: dict[str, PaperRow] = {}
+    for name, t in data["tables"].items():
+        ids = []
+        for r in t["rows"]:
+            if r["id"] in rows or not r["id"].startswith(f"{name}."):
+                raise InputError(f"paper.yaml: row id {r['id']!r} repeated or outside table {name}")
+            h = r.get("h")
+            vs = r.get("vs", t.get("reference"))
+            rows[r["id"]] = PaperRow(
+                id=r["id"], table=name, label=r["label"], dataset=r.get("dataset", t.get("dataset")),
+                setting=r.get("setting", t.get("setting")), S=float(r["S"]), U=float(r["U"]),
+                h=float(h) if h is not None else harmonic_iou(r["S"], r["U"]), h_computed=h is None,
+                source=t["source"], vs=None if vs == r["id"] else vs, params_m=r.get("params_m"),
+                S_spread=r.get("S_spread"), U_spread=r.get("U_spread"),
+            )
+            ids.append(r["id"])
+        tables[name] = PaperTable(name, t["title"], t["source"], tuple(ids))
+    return data["sources"], tables, rows
+
+
+def paper_sources() -> dict[str, Any]:
+    """source name -> {cite, how}."""
+    return _load()[0]
+
+
+def paper_tables() -> dict[str, PaperTable]:
+    """table name -> its rows' ids, in the paper's order (file order)."""
+    return _load()[1]
+
+
+def paper_rows() -> dict[str, PaperRow]:
+    """row id -> the row."""
+    return _load()[2]
+
+
+def paper_row(row_id: str) -> PaperRow:
+    rows = paper_rows()
+    if row_id not in rows:
+        raise InputError(f"unknown paper row {row_id!r} (cascade_clip/data/paper.yaml has e.g. "
+                         f"{', '.join(list(rows)[:3])})")
+    return rows[row_id]
+
+
+def main_result_row(dataset: str, setting: str) -> PaperRow | None:
+    """The main-results row (table `main`) of a dataset and setting, if there is one."""
+    return paper_rows().get(f"main.{dataset}.{setting}")
+
+
+# --- ablation rows -------------------------------------------------------------------------
+
+
+def row_paper_ids(row: Mapping[str, Any] | None) -> list[str]:
+    """The paper row ids an `ablations:` row names (`paper: id` or `paper: [id, ...]`)."""
+    value = (row or {}).get(PAPER_KEY) or []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def row_overrides(row: Mapping[str, Any] | None) -> dict[str, Any]:
+    """An `ablations:` row's config overrides (dotted keys), without its paper ids."""
+    return {k: v for k, v in (row or {}).items() if k != PAPER_KEY}
+
+
+def check_paper_ids(ablations: Mapping[str, Any] | None, where: str) -> None:
+    """Every paper id an ablation row names exists (InputError naming the row otherwise)."""
+    rows = paper_rows()
+    for name, row in (ablations or {}).items():
+        for row_id in row_paper_ids(row):
+            if row_id not in rows:
+                raise InputError(f"{where}: ablations.{name}.paper: unknown paper row {row_id!r} "
+                                 "(cascade_clip/data/paper.yaml)")
+
+
+# --- parameters as the paper counts them ---------------------------------------------------
+
+
+def release_parameters(model: Any) -> int:
+    """Trainable parameters of `model` (a CascadeCLIP) as the release counts them.
+
+    The paper's "Params" (Table 7: 40.5 M) is the release's `get_flops.py` count: every
+    tensor with requires_grad. The release builds each decoder from
+    `nn.TransformerDecoderLayer`s, so beside what this project's decoder has it allocates
+    (and never uses) in every layer a self-attention (4C^2 + 4C) and norm1 (2C), and in the
+    last layer, of which only q and k reach the output, the value and output projections
+    (2C^2 + 2C), the FFN (2CF + C + F) and two norms (4C). The decoder input adapter (this
+    project's option) is not in the release. For the paper's model this gives 40,463,622
+    (40.5 M) against this project's 23,117,574 live parameters."""
+    from cascade_clip.model.head import StageDecoder
+
+    ours = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    unused = 0
+    for module in model.modules():
+        if not isinstance(module, StageDecoder):
+            continue
+        c = module.q_proj.in_features
+        f = module.ffn_dim
+        layers = len(module.layers) + 1
+        unused += layers * (4 * c * c + 4 * c + 2 * c)  # self-attention, norm1
+        unused += 2 * c * c + 2 * c + 2 * c * f + c + f + 4 * c  # last layer: v, proj, FFN, norms
+        unused -= sum(p.numel() for p in module.input_adapter.parameters() if p.requires_grad)
+    return ours + unused
+
+
+# --- the paper's direction, in ours ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Direction:
+    metric: str  # S | U | h
+    paper: float  # row - other, the paper's
+    ours: float  # row - other, mean over seeds
+    spread: float  # the larger sample std of the two rows (NaN with one seed)
+    verdict: str  # "holds", "reversed", "within spread", "paper level", "one seed", "not measured"
+
+
+def compare(row: Mapping[str, float], other: Mapping[str, float], paper_row_: PaperRow,
+            paper_other: PaperRow, metrics: Iterable[str] = ("S", "U", "h")) -> list[Direction]:
+    """The paper's difference between two rows against ours, per metric.
+
+    `row`, `other`: ours as {"S": mean, "S_std": std, ...}. A difference of ours counts only
+    beyond the larger of the two rows' seed spreads (sample std): inside it the verdict is
+    "within spread", whatever the paper says; beyond it, "holds" when its sign is the
+    paper's and "reversed" when not. "paper level": the paper's rows are equal; "one seed":
+    no spread to judge by."""
+    out = []
+    for m in metrics:
+        paper = getattr(paper_row_, m) - getattr(paper_other, m)
+        ours = row[m] - other[m]
+        spread = max(row.get(f"{m}_std", math.nan), other.get(f"{m}_std", math.nan))
+        if math.isnan(ours):
+            verdict = "not measured"
+        elif abs(paper) < 0.05:
+            verdict = "paper level"
+        elif math.isnan(spread):
+            verdict = "one seed"
+        elif abs(ours) <= spread:
+            verdict = "within spread"
+        else:
+            verdict = "holds" if (ours > 0) == (paper > 0) else "reversed"
+        out.append(Direction(m, paper, ours, spread, verdict))
+    return out
