@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         relative = Path(cfg.results_dir) / cfg.experiment
         targets = [str(relative / "eval" / r / "metrics.json") for row in rows for r in run_names(row, seeds)]
         cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work),
-               "--cores", str(args.cores), *targets]
+               "--cores", str(args.cores), "--rerun-incomplete", *targets]  # a killed chunk resumes
         print(f"running {len(targets)} evaluations (rows {', '.join(rows)}) x seeds {seeds}", flush=True)
         start = time.perf_counter()
         res = subprocess.run(cmd, capture_output=True, text=True)
