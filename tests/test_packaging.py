@@ -56,8 +56,9 @@ def test_import_kernels_from_the_repository_root_never_runs_ours():
 
 
 def test_torchrun_training_loads_the_minilm_text_tower_from_the_repository_root(tmp_path, tiny_clip_config):
-    """What every training job of the demo does: `torchrun -m cascade_clip.cli train` in the
-    repository root, with a CLIP whose text tower is transformers' MiniLM."""
+    """What every multi-GPU training job does (`torchrun -m cascade_clip.cli train`; one
+    process runs the console script) in the repository root, with a CLIP whose text tower is
+    transformers' MiniLM."""
     clip = dict(tiny_clip_config)
     clip["text_cfg"] = {
         "hf_model_name": MINILM,

@@ -59,6 +59,11 @@ def test_dry_run_resolves_whole_dag(config, tmp_path):
         assert out.count("rule cache_shard:") == 4
         assert "cascade-clip gpu-run --gpus 1 -- cascade-clip cache-features" in out
         assert "torchrun --standalone --nproc-per-node 4" in out
+    if config.name == "config.yaml":  # the CPU demo: one process a job, no torchrun launcher
+        shells = _shell_commands(out)
+        assert [c for c in shells if "cascade-clip gpu-run --gpus 0 -- cascade-clip train" in c]
+        assert [c for c in shells if "cascade-clip gpu-run --gpus 0 -- cascade-clip evaluate" in c]
+        assert not [c for c in shells if "torchrun" in c]
 
 
 def test_real_config_does_not_inherit_the_demo(tmp_path):

@@ -100,8 +100,19 @@ def run_uses_cache(run):
 
 
 def nproc(gpus):
-    """torchrun processes: one per GPU, or one CPU process (gloo) without GPUs."""
+    """Processes of a job: one per GPU, or one CPU process (gloo) without GPUs."""
     return max(1, int(gpus))
+
+
+def cli_on_one_node(gpus):
+    """How a one-node job runs `cascade_clip.cli`: one process per GPU under `torchrun
+    --standalone`; a single process (one GPU, or the CPU) runs the console script itself.
+    torchrun's launcher costs a single-process job ~2.5 s of CPU (its own `import torch`
+    and a rendezvous) for nothing: without its variables the CLI is a world of one.
+
+    Shell text that rules insert unquoted: it holds only an integer and fixed words."""
+    n = nproc(gpus)
+    return "cascade-clip" if n == 1 else f"torchrun --standalone --nproc-per-node {n} -m cascade_clip.cli"
 
 
 CLIP_WEIGHTS = [config["clip"]["pretrained"]] if IS_SHAPES else []
@@ -165,7 +176,8 @@ def train_resources():
 def launcher(wildcards, resources):
     """How a training job starts its processes.
 
-    One node: `torchrun --standalone`, one process per GPU that gpu-run locked for the job.
+    One node: `torchrun --standalone`, one process per GPU that gpu-run locked for the job
+    (one GPU or none: the console script, `cli_on_one_node`).
     Several nodes (workflow.train_nodes > 1, under SLURM): srun starts one torchrun per node
     of the job's allocation (with the job's CPUs per task and GPUs per node); they meet at
     this host, the node that runs the job's script and the rule (c10d rendezvous on a port
@@ -178,8 +190,7 @@ def launcher(wildcards, resources):
     """
     if TRAIN_NODES == 1:
         return (
-            f"cascade-clip gpu-run --gpus {resources.gpu} --"
-            f" torchrun --standalone --nproc-per-node {nproc(resources.gpu)}"
+            f"cascade-clip gpu-run --gpus {resources.gpu} -- {cli_on_one_node(resources.gpu)}"
         )
     gpus = int(WF["train_gpus"])
     step = f"srun --nodes {TRAIN_NODES} --ntasks-per-node 1 --kill-on-bad-exit=1"
@@ -191,5 +202,5 @@ def launcher(wildcards, resources):
     return (
         f"{step} torchrun --nnodes {TRAIN_NODES} --nproc-per-node {nproc(gpus)}"
         " --rdzv-backend c10d --rdzv-id $SLURM_JOB_ID"
-        " --rdzv-endpoint $(hostname):$((29500 + SLURM_JOB_ID % 1000))"
+        " --rdzv-endpoint $(hostname):$((29500 + SLURM_JOB_ID % 1000)) -m cascade_clip.cli"
     )

@@ -35,6 +35,6 @@ rule train:
     conda:
         "../../environment.yml"
     shell:
-        "OMP_NUM_THREADS={threads:q} {params.launch} -m cascade_clip.cli train"
+        "OMP_NUM_THREADS={threads:q} {params.launch} train"
         " --config {params.config:q} {params.overrides:q} --text {input.text:q} {params.cache:q}"
         " --out {params.out:q} --resume > {log:q} 2>&1"
