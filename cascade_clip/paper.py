@@ -4,8 +4,6 @@
 - `paper_rows()`: every row of the paper's tables by its stable id (`t4.cascade_nga`, ...);
 - `row_paper_ids(row)`, `row_overrides(row)`: an `ablations:` row's paper ids and its config
   overrides (the `paper` key is not a config key);
-- `release_parameters(model)`: trainable parameters as the paper counts them (Table 7's
-  "40.5 M"), beside this project's count;
 - `compare(...)`: whether the paper's direction between two rows holds in ours, within the
   seeds' spread.
 """
@@ -127,36 +125,6 @@ def check_paper_ids(ablations: Mapping[str, Any] | None, where: str) -> None:
             if row_id not in rows:
                 raise InputError(f"{where}: ablations.{name}.paper: unknown paper row {row_id!r} "
                                  "(cascade_clip/data/paper.yaml)")
-
-
-# --- parameters as the paper counts them ---------------------------------------------------
-
-
-def release_parameters(model: Any) -> int:
-    """Trainable parameters of `model` (a CascadeCLIP) as the release counts them.
-
-    The paper's "Params" (Table 7: 40.5 M) is the release's `get_flops.py` count: every
-    tensor with requires_grad. The release builds each decoder from
-    `nn.TransformerDecoderLayer`s, so beside what this project's decoder has it allocates
-    (and never uses) in every layer a self-attention (4C^2 + 4C) and norm1 (2C), and in the
-    last layer, of which only q and k reach the output, the value and output projections
-    (2C^2 + 2C), the FFN (2CF + C + F) and two norms (4C). The decoder input adapter (this
-    project's option) is not in the release. For the paper's model this gives 40,463,622
-    (40.5 M) against this project's 23,117,574 live parameters."""
-    from cascade_clip.model.head import StageDecoder
-
-    ours = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    unused = 0
-    for module in model.modules():
-        if not isinstance(module, StageDecoder):
-            continue
-        c = module.q_proj.in_features
-        f = module.ffn_dim
-        layers = len(module.layers) + 1
-        unused += layers * (4 * c * c + 4 * c + 2 * c)  # self-attention, norm1
-        unused += 2 * c * c + 2 * c + 2 * c * f + c + f + 4 * c  # last layer: v, proj, FFN, norms
-        unused -= sum(p.numel() for p in module.input_adapter.parameters() if p.requires_grad)
-    return ours + unused
 
 
 # --- the paper's direction, in ours ----------------------------------------------------------

@@ -173,3 +173,47 @@ def test_the_wheel_installs_the_kernels_as_cascade_clip_kernels_only(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert Path(proc.stdout.strip()) == tmp_path / "site" / "cascade_clip" / "kernels" / "nga.py"
+
+
+def _module_of(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_the_package_imports_hold_no_circle():
+    """No module of cascade_clip imports, at any depth and even inside a function, a module
+    that imports it back: each layer (config, model, cache, train, paper, report) stands on the
+    ones below. An import of a package counts as an import of its __init__, except from a
+    module of that package."""
+    import ast
+
+    modules = {_module_of(p): p for p in (REPO / "cascade_clip").rglob("*.py") if "kernels" not in p.parts}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                # `from cascade_clip.cache import write` imports the module cascade_clip.cache.write;
+                # `from cascade_clip.cache import open_cache`, the package's __init__
+                targets |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                            for a in node.names}
+        # a module may use its own package's face (the __init__ that lazily imports it)
+        graph[name] = {t for t in targets if t in modules and t != name and not name.startswith(t + ".")}
+
+    circles, state = [], {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                circles.append(trail[trail.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = "done"
+
+    for start in sorted(graph):
+        if start not in state:
+            visit(start, [start])
+    assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)

@@ -13,12 +13,12 @@ import torch
 import yaml
 
 from cascade_clip.config import load_config, shared_cache_stages
+from cascade_clip.model.head import release_parameters
 from cascade_clip.paper import (
     compare,
     paper_row,
     paper_rows,
     paper_tables,
-    release_parameters,
     row_overrides,
     row_paper_ids,
 )

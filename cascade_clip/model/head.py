@@ -1,5 +1,6 @@
 """The Cascade-CLIP head: in-stage fusion (NGA), relationship descriptor, one decoder per
-stage, summed pixel-text similarity maps (docs/design.md: The model).
+stage, summed pixel-text similarity maps (docs/design.md: The model); and the head's
+parameters as the authors' release counts them (Table 7's "40.5 M").
 
 Shapes used throughout: L tapped blocks, S stages, B images, N = h*w pixel tokens,
 C = CLIP embedding width (512 for ViT-B/16), D = decoder width, K classes, H heads.
@@ -194,3 +195,28 @@ class CascadeHead(nn.Module):
         logits = pixel_text_logits(torch.stack(ks), torch.stack(qs), self.scale)
         b, k_cls, _ = logits.shape
         return logits.view(b, k_cls, grid[0], grid[1])
+
+
+def release_parameters(model: nn.Module) -> int:
+    """Trainable parameters of `model` (a CascadeCLIP) as the release counts them.
+
+    The paper's "Params" (Table 7: 40.5 M) is the release's `get_flops.py` count: every
+    tensor with requires_grad. The release builds each decoder from
+    `nn.TransformerDecoderLayer`s, so beside what this project's decoder has it allocates
+    (and never uses) in every layer a self-attention (4C^2 + 4C) and norm1 (2C), and in the
+    last layer, of which only q and k reach the output, the value and output projections
+    (2C^2 + 2C), the FFN (2CF + C + F) and two norms (4C). The decoder input adapter (this
+    project's option) is not in the release. For the paper's model this gives 40,463,622
+    (40.5 M) against this project's 23,117,574 live parameters."""
+    ours = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    unused = 0
+    for module in model.modules():
+        if not isinstance(module, StageDecoder):
+            continue
+        c = module.q_proj.in_features
+        f = module.ffn_dim
+        layers = len(module.layers) + 1
+        unused += layers * (4 * c * c + 4 * c + 2 * c)  # self-attention, norm1
+        unused += 2 * c * c + 2 * c + 2 * c * f + c + f + 4 * c  # last layer: v, proj, FFN, norms
+        unused -= sum(p.numel() for p in module.input_adapter.parameters() if p.requires_grad)
+    return ours + unused

@@ -216,7 +216,7 @@ class CheckpointSizes:
     trainable_params: int
     trainable_tensors: int
     optimizer_bytes: int  # AdamW: exp_avg + exp_avg_sq (parameter dtype) + a fp32 step each
-    release_params: int = 0  # trainable parameters as the paper counts them (paper.release_parameters)
+    release_params: int = 0  # trainable parameters as the paper counts them (model.head.release_parameters)
 
     @property
     def last_bytes(self) -> int:
@@ -233,7 +233,7 @@ def checkpoint_sizes(cfg: Config, visual: Any = None) -> tuple[CheckpointSizes, 
     """What one run of `cfg` keeps in its checkpoints, from the model built on `visual`
     (default: the config's vision tower on the meta device)."""
     from cascade_clip.model import CascadeCLIP
-    from cascade_clip.paper import release_parameters
+    from cascade_clip.model.head import release_parameters
 
     visual = meta_vision_tower(cfg) if visual is None else visual
     shape = encoder_shape(visual)
