@@ -219,7 +219,7 @@ def test_seeds_run_every_row_once_per_training_seed(tmp_path):
     for run in ("cascade", "cascade_seed3", "single_decoder", "single_decoder_seed3", "cascade_st",
                 "cascade_st_seed3"):
         assert f"runs/{run}/model_final.pt" in out and f"eval/{run}/metrics.json" in out, run
-    commands = [line for line in out.splitlines() if "cascade_clip.cli train" in line]
+    commands = [line for line in out.splitlines() if "cascade-clip train" in line]  # one process each
     assert len(commands) == 6
     st3 = [c for c in commands if "runs/cascade_st_seed3" in c]
     assert len(st3) == 1 and "train.seed=3" in st3[0] and "runs/cascade_seed3/ckpt_half.pt" in st3[0]

@@ -16,7 +16,7 @@ rule evaluate:
         config=CONFIG,
         settings=settings("clip", "model", "dataset", "evaluate", "train.amp"),
         overrides=lambda wc: overrides(run_overrides(wc.run)),
-        cli=lambda wc, resources: cli_on_one_node(resources.gpu),
+        launch=lambda wc, resources: cli_on_one_node(resources.gpu),
         out=parent_of("metrics"),
     log:
         f"{LOGS}/evaluate/{{run}}.log",
@@ -31,7 +31,7 @@ rule evaluate:
         "../../environment.yml"
     shell:
         "OMP_NUM_THREADS={threads:q} cascade-clip gpu-run --gpus {resources.gpu:q} --"
-        " {params.cli} evaluate"
+        " {params.launch} evaluate"
         " --config {params.config:q} {params.overrides:q} --checkpoint {input.ckpt:q}"
         " --text {input.text:q} --out {params.out:q} > {log:q} 2>&1"
 
@@ -80,7 +80,7 @@ rule evaluate_cross:
         settings=settings("clip", "model", "dataset", "evaluate", "train.amp"),
         overrides=overrides(run_overrides(MAIN_RUN)),
         root=lambda wc: DATA_ROOTS[wc.dataset],
-        cli=lambda wc, resources: cli_on_one_node(resources.gpu),
+        launch=lambda wc, resources: cli_on_one_node(resources.gpu),
         out=parent_of("metrics"),
     log:
         f"{LOGS}/evaluate/cross_{{dataset}}.log",
@@ -95,7 +95,7 @@ rule evaluate_cross:
         "../../environment.yml"
     shell:
         "OMP_NUM_THREADS={threads:q} cascade-clip gpu-run --gpus {resources.gpu:q} --"
-        " {params.cli} evaluate"
+        " {params.launch} evaluate"
         " --config {params.config:q} {params.overrides:q} --checkpoint {input.ckpt:q}"
         " --text {input.text:q} --dataset-root {params.root:q} --dataset {wildcards.dataset:q}"
         " --out {params.out:q} > {log:q} 2>&1"
