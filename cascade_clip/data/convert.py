@@ -45,6 +45,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cascade_clip.data import IGNORE_INDEX, IGNORE_INDEX_16
+from cascade_clip.data.manifest import write_manifests
 from cascade_clip.data.registry import (
     ADE20K_150,
     ADE20K_847_IDS,
@@ -133,6 +134,7 @@ def write_dataset_json(out: Path, name: str, classes: Sequence[str], image_suffi
     tmp = out / "dataset.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1) + "\n")
     os.replace(tmp, out / "dataset.json")
+    write_manifests(out)
 
 
 def _start(out: Path, force: bool) -> bool:

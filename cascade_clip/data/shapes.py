@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cascade_clip.data.manifest import write_manifests
 from cascade_clip.errors import InputError, MissingInputError
 
 # --- the class vocabulary -------------------------------------------------------------
@@ -338,6 +339,7 @@ def generate_shapes(
     }
     # dataset.json last: its presence marks a complete world (the workflow's output).
     (root / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_manifests(root, progress=False)
     return root
 
 
