@@ -1,6 +1,8 @@
 """Two gloo processes with batch b each train exactly like one process with batch 2b, and
-evaluate to the same confusion matrix as one process. On a GPU machine, the CLI under
-torchrun trains and evaluates through NCCL, bf16 autocast and the Triton kernels."""
+evaluate to the same confusion matrix as one process; four gloo processes of one image each
+make the same update as one process accumulating four passes of one image (issue 32). On a
+GPU machine, the CLI under torchrun trains and evaluates through NCCL, bf16 autocast and the
+Triton kernels."""
 
 from __future__ import annotations
 
@@ -77,6 +79,48 @@ def _worker(rank: int, world: int, port: int, cfg, run_dir: Path, eval_ckpt: Pat
         cleanup()
 
 
+def _train_worker(rank: int, world: int, port: int, cfg, run_dir: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    from cascade_clip.distributed import cleanup
+    from cascade_clip.train import train
+
+    torch.set_num_threads(1)
+    try:
+        train(cfg, run_dir, device="cpu")
+    finally:
+        cleanup()
+
+
+def _assert_same_weights(a: dict, c: dict) -> None:
+    for k in a:
+        x, y = a[k], c[k]
+        if k.endswith("attn.in_proj_bias"):
+            # The key bias's gradient is zero in exact arithmetic (softmax over keys ignores
+            # a shift common to all keys), so AdamW normalises pure rounding noise there.
+            x, y = x.view(3, -1)[[0, 2]], y.view(3, -1)[[0, 2]]
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_four_processes_match_one_accumulating_four_passes(tmp_path, tiny_clip_config):
+    """train.global_batch 4 with one image per pass: 4 gloo processes take one pass each,
+    one process accumulates 4; the loss's normaliser (present image-class pairs) is the
+    mean over ranks in one and over passes in the other, so every update is the same. The
+    images hold 1 to 3 seen classes, so a normaliser per pass would differ."""
+    from cascade_clip.train import train
+
+    root = make_tiny_dataset(tmp_path / "data", n_train=7)
+    cfg = tiny_config(root, tiny_clip_config, batch_size=1, global_batch=4, iters=3, checkpoint_interval=10)
+    single = train(cfg, tmp_path / "single", device="cpu")
+    mp.spawn(_train_worker, args=(4, free_port(), cfg, tmp_path / "four"), nprocs=4, join=True)
+    a, c = trainable(single), trainable(tmp_path / "four" / "model_final.pt")
+    assert any(not torch.equal(a[k], trainable(tmp_path / "single" / "ckpt_half.pt")[k]) for k in a)
+    _assert_same_weights(a, c)
+    one = [json.loads(line) for line in (tmp_path / "single" / "log.jsonl").read_text().splitlines()]
+    four = [json.loads(line) for line in (tmp_path / "four" / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in one] == pytest.approx([r["loss"] for r in four], rel=1e-5)
+
+
 def test_two_processes_match_one_with_double_batch(tmp_path, tiny_clip_config):
     """... and a run they leave half done resumes on one process; rank 0 alone decides whether
     a run resumes (the others follow or every rank stops with one error)."""
@@ -97,13 +141,7 @@ def test_two_processes_match_one_with_double_batch(tmp_path, tiny_clip_config):
     a, c = trainable(single_ckpt), trainable(tmp_path / "pair" / "model_final.pt")
     moved = [k for k in a if not torch.equal(a[k], trainable(tmp_path / "single" / "ckpt_half.pt")[k])]
     assert moved, "training changed nothing"
-    for k in a:
-        x, y = a[k], c[k]
-        if k.endswith("attn.in_proj_bias"):
-            # The key bias's gradient is zero in exact arithmetic (softmax over keys ignores
-            # a shift common to all keys), so AdamW normalises pure rounding noise there.
-            x, y = x.view(3, -1)[[0, 2]], y.view(3, -1)[[0, 2]]
-        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5, msg=k)
+    _assert_same_weights(a, c)
     # only rank 0 wrote: one log record per step, not two
     log = [json.loads(line) for line in (tmp_path / "pair" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, iters + 1))

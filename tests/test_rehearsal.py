@@ -169,8 +169,9 @@ def test_mirror_layouts_are_the_real_ones(mirror):
 # sizes, and processes per job.
 ALLOWED = (
     "sources.", "clip.pretrained", "clip.model", "clip.model_config", "clip.image_size",
-    "train.iters", "train.batch_size", "train.augment.crop_size", "train.augment.scale",
-    "self_train.iters", "self_train.batch_size", "evaluate.", "workflow.train_gpus", "workflow.eval_gpus",
+    "train.iters", "train.batch_size", "train.global_batch", "train.augment.crop_size", "train.augment.scale",
+    "self_train.iters", "self_train.batch_size", "self_train.global_batch", "evaluate.",
+    "workflow.train_gpus", "workflow.eval_gpus",
 )
 
 
