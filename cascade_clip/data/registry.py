@@ -105,7 +105,8 @@ def _class_file(file_name: str) -> list[str]:
 VOC_21: tuple[str, ...] = ("background", *VOC_CLASSES)
 # ADE20K-150: annotation value v -> train id v - 1, 0 ignored.
 ADE20K_150: tuple[str, ...] = tuple(_class_file("ade20k_150.txt"))
-# PASCAL Context-459: Detail category id c -> train id c - 1, unlabeled (0) ignored.
+# PASCAL Context-459: PASCAL-Context's `trainval/<id>.mat` LabelMap value c (1..459, the line of
+# its labels.txt) -> train id c - 1, unlabeled (0) ignored; Detail's category ids are the same.
 CONTEXT_459: tuple[str, ...] = tuple(_class_file("pascal_context_459.txt"))
 # ADE20K-847: (ADE20K object class index, name) in train-id order.
 ADE20K_847_IDS: tuple[tuple[int, str], ...] = tuple(
@@ -220,8 +221,8 @@ DATASETS: dict[str, DatasetSpec | _ShapesSpec] = {
         classes=CONTEXT_459,
         unseen=(),
         templates="official-multi",
-        description="PASCAL Context-459: 459 classes, 5,104 val, 16-bit labels "
-                    "(read from pascal_context_59's download)",
+        description="PASCAL Context-459: 459 classes, 5,104 val, 16-bit labels (PASCAL-Context's "
+                    "trainval.tar.gz; images and val list from pascal_context_59's download)",
     ),
     "ade20k_847": DatasetSpec(
         name="ade20k_847",
@@ -236,7 +237,10 @@ DATASETS: dict[str, DatasetSpec | _ShapesSpec] = {
 
 # Datasets converted from another dataset's download (`cascade-clip download` fetches, and
 # `prepare` reads, <downloads>/<that dataset>/).
-DOWNLOAD_OF: dict[str, str] = {"voc21": "voc12", "pascal_context_459": "pascal_context_59"}
+DOWNLOAD_OF: dict[str, str] = {"voc21": "voc12"}
+# Datasets whose conversion reads, beside their own download, other datasets' downloads:
+# Context-459's labels are its own archive, its images and val list Context-59's.
+ALSO_READS: dict[str, tuple[str, ...]] = {"pascal_context_459": ("pascal_context_59",)}
 
 # The open-vocabulary suite a COCO-Stuff model is judged on (workflow.open_vocab).
 OPEN_VOCAB_SUITE: tuple[str, ...] = (
@@ -247,6 +251,11 @@ OPEN_VOCAB_SUITE: tuple[str, ...] = (
 def download_folder(name: str) -> str:
     """The download `name` is converted from: its own, or DOWNLOAD_OF's."""
     return DOWNLOAD_OF.get(name, name)
+
+
+def download_folders(name: str) -> list[str]:
+    """Every download `name`'s conversion reads: its own (download_folder) and ALSO_READS'."""
+    return [download_folder(name), *ALSO_READS.get(name, ())]
 
 
 def cross_eval_targets(config: dict) -> dict[str, str]:

@@ -160,7 +160,7 @@ def make_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> Plan
     raw = _raw_config(path, overrides)
     wf = workflow_settings(cfg)
     run_cfgs = run_configs(path, overrides)
-    from cascade_clip.data.registry import cross_eval_targets, download_folder
+    from cascade_clip.data.registry import cross_eval_targets, download_folders
 
     datasets = {cfg.dataset.name: cfg.dataset.root}
     for name, root in cross_eval_targets(raw).items():  # cross_eval, and the suite with open_vocab
@@ -169,7 +169,7 @@ def make_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> Plan
     plan = Plan(str(path), cfg, raw, wf, encoder_shape(visual), datasets, run_cfgs=run_cfgs)
 
     sources = load_sources()
-    for name in dict.fromkeys(download_folder(n) for n in datasets):  # voc21 reads voc12's files
+    for name in dict.fromkeys(f for n in datasets for f in download_folders(n)):  # voc21: voc12's files
         for entry in sources.get(name, []):
             size = Size(entry.get("size"), bool(entry.get("size_approximate")))
             extracted = None

@@ -13,17 +13,20 @@ images each, and every class of the dataset present somewhere (unseen ones inclu
   `train.txt`, `val.txt`). The lists overlap as the real ones do: an SBD image that is in
   VOC's val list must leave the augmented train set.
 - PASCAL Context 59: `VOCtrainval_03-May-2010.tar` (`VOCdevkit/VOC2010/JPEGImages`) and
-  `trainval_merged.json` in the Detail API's layout (images with `phase`, all 459 categories,
-  `annos_segmentation` with compressed RLE strings, later annotations painting over earlier
-  ones; the categories outside the 59 must become 255 there, and are Context-459's classes).
+  `trainval_merged.json` in the Detail API's layout (images with `phase`, all 459 categories
+  listed, `annos_segmentation` with compressed RLE strings for the 59 classes only, as the
+  real file holds, later annotations painting over earlier ones).
+- PASCAL Context-459: PASCAL-Context's own `trainval.tar.gz` (`trainval/<id>.mat` per train and
+  val image of the Context miniature, a MATLAB 5 `LabelMap` of uint16 holding every class
+  1..459 and 0 unlabeled; `labels.txt`, `<c>: <name>` lines); its images and val list are
+  Context-59's.
 - ADE20K-150: `ADEChallengeData2016.zip` (`ADEChallengeData2016/images/{training,validation}`
   JPEGs, `annotations/...` PNGs with 0 = other and 1..150, `sceneCategories.txt`).
 - ADE20K-847: `ADE20K_2021_17_01.zip` (`ADE20K_2021_17_01/images/ADE/{training,validation}/
   <scene>/ADE_*.jpg` beside RGB `_seg.png` files whose R / 10 * 256 + G is the object class
   index, B the instance; `index_ade20k.pkl`, `objects.txt`), which the user brings
   (`sources.local`): the sources list it with its registration page and no URL.
-- VOC-21 and PASCAL Context-459 have no files of their own: VOC's and Context's mirrors are
-  theirs (`DERIVED`).
+- VOC-21 has no files of its own: VOC's mirror is its (`DERIVED`).
 
 `write_mirror(folder)` builds them all and a sources YAML in the packaged format (the same
 file names and `extract_to` folders, the mirror's URL and sha256 for every file);
@@ -100,6 +103,16 @@ def sbd_mat_bytes(seg: np.ndarray) -> bytes:
     # The 116-byte text header carries the creation time: a fixed one keeps builds identical.
     header = b"MATLAB 5.0 MAT-file, Platform: posix, Created on: Sun Apr 10 00:00:00 2011"
     return header.ljust(116) + data[116:]
+
+
+def context_mat_bytes(labelmap: np.ndarray) -> bytes:
+    """A PASCAL-Context `trainval/<id>.mat`: `LabelMap` (H, W) uint16, as MATLAB 5 writes it."""
+    from scipy.io import savemat
+
+    buf = io.BytesIO()
+    savemat(buf, {"LabelMap": labelmap.astype(np.uint16)})
+    header = b"MATLAB 5.0 MAT-file, Platform: posix, Created on: Sat May 03 00:00:00 2014"
+    return header.ljust(116) + buf.getvalue()[116:]
 
 
 def block_label(h: int, w: int, block: int, values: Sequence[int], fill: int, seed: int,
@@ -315,10 +328,11 @@ def context_ids(spec: MirrorSpec) -> dict[str, list[str]]:
 
 def build_context59(folder: Path, spec: MirrorSpec, overrides: dict[str, bytes] | None = None,
                     drop: Sequence[str] = ()) -> DatasetMirror:
-    """PASCAL Context (59 and 459). Per image one RLE annotation per category (all 459), in
-    cells of a block grid; unlabeled cells stay 0; a last annotation paints the image's
-    first row again with another class (later annotations win)."""
-    cat_ids = [cid for _, cid in CONTEXT_59_DETAIL_IDS] + [cid for cid, _ in CONTEXT_OTHER_CATEGORIES]
+    """PASCAL Context 59 (Detail json). Per image one RLE annotation per Context-59 category, in
+    cells of a block grid; unlabeled cells stay 0; a last annotation paints the image's first
+    row again with another class (later annotations win). The json lists all 459 categories
+    but, as the real one, annotates only the 59."""
+    cat_ids = [cid for _, cid in CONTEXT_59_DETAIL_IDS]
     block = fitting_block(spec, len(cat_ids) + 1)
     tar_files: dict[str, bytes] = {}
     images, annos = [], []
@@ -362,6 +376,26 @@ def build_context59(folder: Path, spec: MirrorSpec, overrides: dict[str, bytes] 
     path = folder / "trainval_merged.json"
     path.write_bytes(json_files["trainval_merged.json"])
     out.archives["trainval_merged.json"] = path
+    return out
+
+
+def build_context459(folder: Path, spec: MirrorSpec, overrides: dict[str, bytes] | None = None,
+                     drop: Sequence[str] = ()) -> DatasetMirror:
+    """PASCAL-Context's trainval.tar.gz for the Context miniature's images (spec: Context-59's):
+    each LabelMap holds every class 1..459 in a cell of a block grid, 0 in the spare cells."""
+    block = fitting_block(spec, len(CONTEXT_459) + 1)
+    files: dict[str, bytes] = {}
+    seed = 900
+    for ids in context_ids(spec).values():
+        for image_id in ids:
+            seed += 1
+            labelmap = block_label(spec.height, spec.width, block, list(range(1, len(CONTEXT_459) + 1)), 0,
+                                   seed, dtype=np.uint16)
+            files[f"trainval/{image_id}.mat"] = context_mat_bytes(labelmap)
+    files["labels.txt"] = "".join(f"{i + 1}: {name}\n" for i, name in enumerate(CONTEXT_459)).encode()
+    out = DatasetMirror("pascal_context_459", val_ids=context_ids(spec)["val"])
+    out.archives["trainval.tar.gz"] = write_tar(folder / "trainval.tar.gz", _edit(files, overrides, drop),
+                                                gz=True)
     return out
 
 
@@ -446,10 +480,12 @@ def build_ade20k_847(folder: Path, spec: MirrorSpec, overrides: dict[str, bytes]
 
 
 BUILDERS = {"coco_stuff_164k": build_coco_stuff, "voc12": build_voc12, "pascal_context_59": build_context59,
-            "ade20k_150": build_ade20k_150, "ade20k_847": build_ade20k_847}
-# Targets converted from another dataset's files: their mirror is that one's (val only for
-# Context-459, whose converter writes the val split alone).
+            "pascal_context_459": build_context459, "ade20k_150": build_ade20k_150,
+            "ade20k_847": build_ade20k_847}
+# Targets converted from another dataset's files: their mirror is that one's.
 DERIVED = dict(DOWNLOAD_OF)
+# Mirrors of the same images: Context-459's label maps are for Context-59's miniature.
+SAME_IMAGES = {"pascal_context_459": "pascal_context_59"}
 
 
 def _lines(ids: Sequence[str]) -> bytes:
@@ -502,11 +538,11 @@ def write_mirror(folder: Path, specs: dict[str, MirrorSpec] | None = None) -> di
     """All three miniatures in `folder`, side by side as on a mirror (the file names are
     distinct across datasets, and `download --base-url` fetches `<base_url>/<name>`)."""
     specs = specs or {}
-    built = {name: build(folder, specs.get(name, MirrorSpec())) for name, build in BUILDERS.items()}
+    built = {name: build(folder, specs.get(SAME_IMAGES.get(name, name), MirrorSpec()))
+             for name, build in BUILDERS.items()}
     for name, source in DERIVED.items():
         base = built[source]
-        built[name] = DatasetMirror(name, dict(base.archives), [] if name == "pascal_context_459" else
-                                    list(base.train_ids), list(base.val_ids))
+        built[name] = DatasetMirror(name, dict(base.archives), list(base.train_ids), list(base.val_ids))
     return built
 
 
