@@ -397,9 +397,35 @@ def _ade_seg(index: np.ndarray) -> np.ndarray:
     return rgb
 
 
+def opencv_nearest_rows(src: int, dst: int) -> np.ndarray:
+    """The source row (or column) of each output one under OpenCV's INTER_NEAREST: floor(x *
+    (1 / (dst / src))), clamped; stated here independently of OpenCV, as a test oracle."""
+    return np.minimum(np.floor(np.arange(dst) * (1.0 / (dst / src))).astype(np.int64), src - 1)
+
+
+def test_ade20k_847_labels_follow_maskformers_opencv_nearest_rule():
+    """A 1536x2048 label map shrunk to 512x683 as MaskFormer's converter does: every pixel the
+    source pixel OpenCV's nearest rule picks (PIL's centre rule, used before, differs)."""
+    from cascade_clip.data.convert import ade20k_847_resize
+
+    rng = np.random.default_rng(0)
+    for h, w in ((1536, 2048), (600, 700), (2000, 513), (683, 1024)):
+        label = rng.integers(0, 847, (h, w)).astype(np.uint16)
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        small_image, small = ade20k_847_resize(image, label)
+        nh, nw = small.shape
+        assert min(nh, nw) == 512 and small_image.shape == (nh, nw, 3)
+        want = label[opencv_nearest_rows(h, nh)][:, opencv_nearest_rows(w, nw)]
+        assert np.array_equal(small, want), (h, w)
+        pil = np.asarray(Image.fromarray(label).resize((nw, nh), Image.NEAREST))
+        assert (pil != want).mean() > 0.005, (h, w)  # the rule matters
+    image, label = rng.integers(0, 256, (512, 700, 3), dtype=np.uint8), np.zeros((512, 700), np.uint16)
+    assert ade20k_847_resize(image, label)[1] is label  # a short side of 512: kept
+
+
 def test_convert_ade20k_847_maps_object_indices_and_shrinks_large_images(tmp_path):
     """R / 10 * 256 + G through MaskFormer's 847-class map (others 65535); an image whose
-    short side is above 512 shrinks to 512 (its label nearest), a small one is linked."""
+    short side is above 512 shrinks to 512 (its label nearest), every image is re-saved."""
     val = tmp_path / "ade" / "ADE20K_2021_17_01" / "images" / "ADE" / "validation"
     wall, person = ADE20K_847_IDS[0][0], dict((n, i) for i, n in ADE20K_847_IDS)[ADE20K_847[11]]
     small = np.array([[wall, person, 0], [3157, wall, wall]])
@@ -421,4 +447,6 @@ def test_convert_ade20k_847_maps_object_indices_and_shrinks_large_images(tmp_pat
     assert (lab[:250] == 11).all() and (lab[260:] == 0).all()
     with Image.open(out / "images" / "val" / "ADE_val_00000001.jpg") as im:
         assert im.size == (597, 512)
-    assert (out / "images" / "val" / "ADE_val_00000002.jpg").stat().st_nlink == 2  # linked
+    small_image = out / "images" / "val" / "ADE_val_00000002.jpg"
+    assert small_image.stat().st_nlink == 1 and small_image.read_bytes() != (val / "cultural" /
+                                                                            "ADE_val_00000002.jpg").read_bytes()

@@ -130,6 +130,8 @@ def test_mirrors_download_and_prepare_to_every_class(mirror, tmp_path):
                 present |= set(np.unique(label_array(out / "labels" / split / f"{i}.png")).tolist())
         assert present - {label_ignore_index(len(classes))} == set(range(len(classes))), name
         assert data.train_ids or not (out / "splits" / "train.txt").exists()
+        if name == "ade20k_847":  # MaskFormer's converter: OpenCV's nearest rule on the shrunk image
+            check_ade847_as_maskformer(data, out)
         if name == "pascal_context_459":  # the peers' rule, pixel for pixel: LabelMap - 1, 0 -> ignore
             for i in data.val_ids:
                 labelmap = release_labelmap(data.archives["trainval.tar.gz"], i)
@@ -140,6 +142,33 @@ def test_mirrors_download_and_prepare_to_every_class(mirror, tmp_path):
     fetched = {n for name, d in mirror.datasets.items() if name not in DERIVED for n in d.archives}
     assert requested == {f"/{n}" for n in fetched if n != "ADE20K_2021_17_01.zip"}
     print("\ndownload + prepare of each miniature (s):", {k: round(v, 2) for k, v in seconds.items()})
+
+
+def check_ade847_as_maskformer(data, out: Path) -> None:
+    """The mirror's large validation image, shrunk to 512 on its short side: its label is the
+    source label at OpenCV's nearest pixels (floor(x * src / dst), the rule of the
+    `cv2.resize` MaskFormer's converter calls; tests/test_convert.py states it), the 847-class
+    map applied."""
+    import io
+    import zipfile
+
+    from test_convert import opencv_nearest_rows
+
+    from cascade_clip.data.convert import ade20k_847_lut
+
+    image_id = data.val_ids[0]
+    with zipfile.ZipFile(data.archives["ADE20K_2021_17_01.zip"]) as zf:
+        member = next(n for n in zf.namelist() if n.endswith(f"/{image_id}_seg.png"))
+        seg = np.asarray(Image.open(io.BytesIO(zf.read(member))), np.int64)
+    index = seg[..., 0] // 10 * 256 + seg[..., 1]
+    label = label_array(out / "labels" / "val" / f"{image_id}.png")
+    h, w = index.shape
+    assert min(h, w) > 512 and min(label.shape) == 512
+    rows, cols = opencv_nearest_rows(h, label.shape[0]), opencv_nearest_rows(w, label.shape[1])
+    want = ade20k_847_lut()[index][rows][:, cols]
+    assert np.array_equal(label, want)
+    with Image.open(out / "images" / "val" / f"{image_id}.jpg") as im:
+        assert im.size == label.shape[::-1]
 
 
 def release_labelmap(archive: Path, image_id: str) -> np.ndarray:

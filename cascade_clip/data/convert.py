@@ -28,8 +28,10 @@ CAT-Seg, cited in cascade_clip/data/classes/):
   VOC 2010 JPEGs; val only, 16-bit labels. (Detail's json holds the 59 classes alone.)
 - ADE20K-847: `ADE20K_2021_17_01/images/ADE/validation/**/ADE_val_*{.jpg,_seg.png}`; the
   class index R / 10 * 256 + G of each `_seg.png` pixel through MaskFormer's 847-class map,
-  every other index ignored; images whose short side exceeds 512 resized to 512 (labels
-  nearest), as MaskFormer's converter does; val only, 16-bit labels.
+  every other index ignored; as MaskFormer's converter (which SAN and CAT-Seg copy): images
+  whose short side exceeds 512 resized to 512 with OpenCV (`cv2.resize`, INTER_LINEAR for the
+  image, INTER_NEAREST for the label), every image re-saved as a JPEG by PIL at its default
+  quality; val only, 16-bit labels.
 """
 
 from __future__ import annotations
@@ -727,22 +729,32 @@ def ade20k_847_size(h: int, w: int, max_size: int = ADE20K_847_MAX_SIZE) -> tupl
     return None
 
 
+def ade20k_847_resize(image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(image, label) as MaskFormer's converter leaves them: a short side above 512 shrunk to
+    512 by OpenCV, the image with INTER_LINEAR (no antialiasing, OpenCV's fixed-point
+    weights), the label with INTER_NEAREST (source pixel floor(x * src / dst))."""
+    import cv2
+
+    size = ade20k_847_size(*label.shape)
+    if size is None:
+        return image, label
+    h, w = size
+    return (cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR),
+            cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST))
+
+
 def _ade847_one(task: tuple[Path, Path, Path, Path, bool]) -> list[int]:
-    img_src, seg_src, img_dst, lbl_dst, link = task
+    img_src, seg_src, img_dst, lbl_dst, _ = task
     label = ade20k_847_lut()[read_ade_seg(seg_src)]
     hw = image_size(img_src, seg_src)
     if label.shape != hw:
         raise InputError(f"{seg_src}: segmentation size {label.shape[1]}x{label.shape[0]} differs "
                          f"from image {img_src} size {hw[1]}x{hw[0]}")
-    size = ade20k_847_size(*hw)
-    if size is None:
-        place_image(img_src, img_dst, link)
-    else:  # bilinear image, nearest label (PIL's filters; MaskFormer uses OpenCV's)
-        with Image.open(img_src) as im:
-            image = im.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
-        img_dst.parent.mkdir(parents=True, exist_ok=True)
-        image.save(img_dst, quality=75)  # PIL's default JPEG quality, as MaskFormer saves
-        label = np.asarray(Image.fromarray(label).resize((size[1], size[0]), Image.NEAREST), np.uint16)
+    with Image.open(img_src) as im:  # as read there: grey stays grey
+        image = np.asarray(im if im.mode in ("L", "RGB") else im.convert("RGB"))
+    image, label = ade20k_847_resize(image, label)
+    img_dst.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(img_dst)  # every image re-saved, PIL's default JPEG quality, as there
     write_label_png(lbl_dst, label)
     return _present(label)
 
@@ -752,8 +764,9 @@ def convert_ade20k_847(
 ) -> dict[str, int]:
     """ADE20K-847 (an evaluation target) -> common format: the `val` split from
     `ADE20K_2021_17_01/images/ADE/validation` (every `ADE_val_*.jpg` beside its `_seg.png`,
-    2,000 images), 16-bit labels. The release's index_ade20k.pkl lists the same files; it is
-    not read (a pickle runs code when loaded)."""
+    2,000 images), 16-bit labels, images re-encoded (`ade20k_847_resize`; `link` is unused).
+    The release's index_ade20k.pkl lists the same files; it is not read (a pickle runs code
+    when loaded)."""
     src, out = Path(src), Path(out)
     if not _start(out, force):
         return _counts(out, ("val",))

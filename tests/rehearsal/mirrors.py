@@ -25,7 +25,8 @@ images each, and every class of the dataset present somewhere (unseen ones inclu
 - ADE20K-847: `ADE20K_2021_17_01.zip` (`ADE20K_2021_17_01/images/ADE/{training,validation}/
   <scene>/ADE_*.jpg` beside RGB `_seg.png` files whose R / 10 * 256 + G is the object class
   index, B the instance; `index_ade20k.pkl`, `objects.txt`), which the user brings
-  (`sources.local`): the sources list it with its registration page and no URL.
+  (`sources.local`): the sources list it with its registration page and no URL. Its first
+  validation image is larger than 512 px on its short side, as most of ADE20K's are.
 - VOC-21 has no files of its own: VOC's mirror is its (`DERIVED`).
 
 `write_mirror(folder)` builds them all and a sources YAML in the packaged format (the same
@@ -433,6 +434,7 @@ def build_ade20k_150(folder: Path, spec: MirrorSpec, overrides: dict[str, bytes]
 
 # Object class indices of ADE20K full that are not among the 847: the converter ignores them.
 ADE_UNLISTED_INDICES = (1, 3, 3157)
+ADE_LARGE = (520, 650)  # (h, w) of the first validation image: shrunk to 512 x 640 on conversion
 
 
 def ade_seg_png(index: np.ndarray, seed: int) -> bytes:
@@ -449,11 +451,12 @@ def ade_seg_png(index: np.ndarray, seed: int) -> bytes:
 def build_ade20k_847(folder: Path, spec: MirrorSpec, overrides: dict[str, bytes] | None = None,
                      drop: Sequence[str] = ()) -> DatasetMirror:
     """ADE20K-847 (ADE20K_2021_17_01). Validation images hold every one of the 847 indices
-    and a few unlisted ones; training images (which the converter skips) sit beside them."""
+    and a few unlisted ones; training images (which the converter skips) sit beside them.
+    The first validation image is ADE_LARGE (a short side above 512, which the converter
+    shrinks to 512 as MaskFormer's does), in cells of 16 px that survive the shrinking."""
     import pickle
 
     indices = [i for i, _ in ADE20K_847_IDS] + list(ADE_UNLISTED_INDICES)
-    block = fitting_block(spec, len(indices) + 1)
     top = "ADE20K_2021_17_01"
     files: dict[str, bytes] = {}
     index = {"filename": [], "folder": []}
@@ -462,8 +465,10 @@ def build_ade20k_847(folder: Path, spec: MirrorSpec, overrides: dict[str, bytes]
         for k, image_id in enumerate(ids):
             seed += 1
             scene = f"{top}/images/ADE/{split}/urban/{'street' if k % 2 else 'alley'}"
-            files[f"{scene}/{image_id}.jpg"] = jpeg_bytes(spec.height, spec.width, seed)
-            cls = block_label(spec.height, spec.width, block, indices, 0, seed, dtype=np.uint16)
+            h, w = ADE_LARGE if (split, k) == ("validation", 0) else (spec.height, spec.width)
+            block = 16 if (h, w) == ADE_LARGE else fitting_block(spec, len(indices) + 1)
+            files[f"{scene}/{image_id}.jpg"] = jpeg_bytes(h, w, seed)
+            cls = block_label(h, w, block, indices, 0, seed, dtype=np.uint16)
             cls = cls.astype(np.int64)
             files[f"{scene}/{image_id}_seg.png"] = ade_seg_png(cls, seed)
             files[f"{scene}/{image_id}.json"] = json.dumps(
