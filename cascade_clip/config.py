@@ -177,6 +177,10 @@ class EvalConfig:
     stride: int = 426
     short_side: int = 512
     num_visualize: int = 8
+    # VOC-21's background as a peer prompts it (cascade_clip/data/classes/voc21_background.yaml):
+    # "catseg" (max over 39 Context names, the protocol of the most cited table), "fcclip"
+    # (max over FC-CLIP's stuff synonyms) or "word" ("background").
+    voc21_background: Literal["catseg", "fcclip", "word"] = "catseg"
 
 
 @dataclass

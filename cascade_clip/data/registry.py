@@ -101,8 +101,39 @@ def _class_file(file_name: str) -> list[str]:
 
 # PASCAL VOC 2012 with background (VOC-21): VOC's own indices 0..20, background first, as
 # MMSegmentation's PascalVOCDataset (CAT-Seg's voc20b puts background last; the order
-# changes no score).
+# changes no score). How background is prompted is a protocol of its own (class_prompts).
 VOC_21: tuple[str, ...] = ("background", *VOC_CLASSES)
+
+
+def _background_protocols() -> dict[str, tuple[str, ...]]:
+    from importlib.resources import files
+
+    import yaml
+
+    text = files("cascade_clip.data").joinpath("classes", "voc21_background.yaml").read_text(encoding="utf-8")
+    return {name: tuple(dict.fromkeys(prompts)) for name, prompts in yaml.safe_load(text).items()}
+
+
+# VOC-21's background protocols (evaluate.voc21_background): the prompts background is scored
+# with, each peer's (classes/voc21_background.yaml cites them); repeats dropped.
+VOC21_BACKGROUND: dict[str, tuple[str, ...]] = _background_protocols()
+VOC21_BACKGROUND_LABELS = {"catseg": "CAT-Seg's (background = max over 39 Context names)",
+                           "fcclip": "FC-CLIP's (background = max over its stuff synonyms)",
+                           "word": "one word (\"background\")"}
+
+
+def class_prompts(name: str, classes: Sequence[str], voc21_background: str = "catseg"
+                  ) -> list[tuple[str, ...]]:
+    """The prompt names each class of dataset `name` is scored with, in class order: its own
+    name, except VOC-21's background, which takes the protocol's prompts (the class then
+    scores the maximum over them)."""
+    prompts = [(c,) for c in classes]
+    if name == "voc21" and classes and classes[0] == "background":
+        if voc21_background not in VOC21_BACKGROUND:
+            raise InputError(f"evaluate.voc21_background: {voc21_background!r} is not one of "
+                             f"{sorted(VOC21_BACKGROUND)}")
+        prompts[0] = VOC21_BACKGROUND[voc21_background]
+    return prompts
 # ADE20K-150: annotation value v -> train id v - 1, 0 ignored.
 ADE20K_150: tuple[str, ...] = tuple(_class_file("ade20k_150.txt"))
 # PASCAL Context-459: PASCAL-Context's `trainval/<id>.mat` LabelMap value c (1..459, the line of
