@@ -81,7 +81,7 @@ def print_tables(results: Path, ablations: dict, seeds: list, dataset: str, main
           "paper's direction S / U / h |", "|---|---|---|---|---|---|---|"]
     for table in paper_tables().values():
         here = [i for i in table.rows if i in by_id]
-        if not here or table.name == "main":
+        if not here or table.show_all or table.name == "release":  # main results: not a miniature row
             continue
         print(f"\n{table.title}  (paper: {paper_row(here[0]).dataset}; ours: {dataset}, `test`, "
               f"mean +- std over {len(seeds)} seed(s))")

@@ -128,8 +128,15 @@ class AugmentConfig:
 class TrainConfig:
     setting: Literal["inductive", "transductive", "fully_supervised"] = "inductive"
     seed: int | None = None  # training randomness; None: the experiment seed (workflow.seeds sets it)
-    iters: int = 80000
-    batch_size: int = 4  # per process
+    iters: int = 80000  # optimizer steps
+    # Images one process holds in one forward/backward pass. With `global_batch` a process may
+    # hold fewer (the global batch over more processes) or accumulate several such passes per
+    # step (fewer processes): `batch_plan`.
+    batch_size: int = 4
+    # Images per optimizer step over all processes; None: batch_size x processes (no
+    # accumulation). The real configs declare the release's 16 (4 GPUs x 4), which then holds
+    # on 1, 2, 4 or 8 GPUs through gradient accumulation.
+    global_batch: int | None = None
     lr: float = 2e-4
     weight_decay: float = 0.01
     warmup_iters: int = 1500
@@ -158,6 +165,7 @@ class SelfTrainConfig:
     iters: int = 40000
     start_fraction: float = 0.5  # start from the inductive checkpoint at half its schedule
     batch_size: int | None = None  # per process; None = train.batch_size (VOC: 8, as released)
+    global_batch: int | None = None  # None = train.global_batch (VOC: 32 = 4 x 8, as released)
 
 
 @dataclass
@@ -169,6 +177,10 @@ class EvalConfig:
     stride: int = 426
     short_side: int = 512
     num_visualize: int = 8
+    # VOC-21's background as a peer prompts it (cascade_clip/data/classes/voc21_background.yaml):
+    # "catseg" (max over 39 Context names, the protocol of the most cited table), "fcclip"
+    # (max over FC-CLIP's stuff synonyms) or "word" ("background").
+    voc21_background: Literal["catseg", "fcclip", "word"] = "catseg"
 
 
 @dataclass
@@ -343,9 +355,64 @@ def _check(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: model.sum_learnable needs model.fusion: sum, got {cfg.model.fusion!r}")
     if cfg.evaluate.stride <= 0 or cfg.evaluate.stride > cfg.evaluate.crop_size:
         raise ConfigError(f"{where}: evaluate.stride must be in 1..crop_size")
+    processes = training_processes(cfg)
+    for setting in ("inductive", "transductive"):  # the global batch divides over the workflow's GPUs
+        batch_plan(cfg, setting, processes, where)
     from cascade_clip.paper import check_paper_ids
 
     check_paper_ids(cfg.extra.get("ablations"), where)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step's `global_batch` images are laid out: `processes` x
+    `micro_batch` (images one process holds in one forward/backward pass) x `accumulation`
+    (passes whose gradients one step sums)."""
+
+    global_batch: int
+    processes: int
+    micro_batch: int
+    accumulation: int
+
+    def describe(self) -> str:
+        return (f"global batch {self.global_batch} = {self.processes} process(es) x {self.micro_batch} "
+                f"image(s) x {self.accumulation} accumulation step(s)")
+
+
+def batch_plan(cfg: Config, setting: str, processes: int, where: str = "config") -> BatchPlan:
+    """The batch layout of a `setting` run on `processes` processes.
+
+    Without a global batch (`train.global_batch`, for self-training `self_train.global_batch`,
+    else the former) every process takes its batch size (`self_train.batch_size` for
+    self-training when set, else `train.batch_size`) once per step, as before. With one, each
+    process's share is global / processes; a share at most the batch size is one pass of that
+    many images, a larger one is accumulated in passes of the batch size. A global batch that
+    does not divide raises ConfigError naming the keys."""
+    transductive = setting == "transductive"
+    batch, batch_key = cfg.train.batch_size, "train.batch_size"
+    if transductive and cfg.self_train.batch_size is not None:
+        batch, batch_key = cfg.self_train.batch_size, "self_train.batch_size"
+    total, key = cfg.train.global_batch, "train.global_batch"
+    if transductive and cfg.self_train.global_batch is not None:
+        total, key = cfg.self_train.global_batch, "self_train.global_batch"
+    if total is None:
+        return BatchPlan(batch * processes, processes, batch, 1)
+    if total % processes:
+        raise ConfigError(f"{where}: {key} {total} does not divide over {processes} training processes "
+                          f"(GPUs x nodes); use a number of processes that divides it")
+    share = total // processes
+    micro = min(batch, share)
+    if share % micro:
+        raise ConfigError(f"{where}: {key} {total} over {processes} process(es) is {share} images each, "
+                          f"not a multiple of {batch_key} {batch}; set {batch_key} to a divisor of {share}")
+    return BatchPlan(total, processes, micro, share // micro)
+
+
+def training_processes(cfg: Config) -> int:
+    """Processes of a training job as the config's workflow runs it: one per GPU
+    (`workflow.train_gpus`, one CPU process without GPUs) on each of `workflow.train_nodes`."""
+    wf = cfg.extra.get("workflow") or {}
+    return max(1, int(wf.get("train_gpus") or 0)) * max(1, int(wf.get("train_nodes") or 1))
 
 
 def shared_cache_stages(base: list[list[int]], runs: list[list[list[int]]]) -> list[list[int]]:

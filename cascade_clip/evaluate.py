@@ -17,7 +17,8 @@ Files in DIR:
                      absent_class_rule, and the means under each rule in
                      by_absent_class_rule: cascade_clip.metrics; NaN written as null)
                      + setting, split, dataset, checkpoint, baseline, num_images,
-                     images_per_s, world_size
+                     images_per_s, world_size; for VOC-21 the background protocol
+                     (voc21_background) and its prompts
   DIR/per_class.csv  class, split (seen/unseen), iou, gt_pixels, pred_pixels
   DIR/examples/<id>.png  image | ground truth | prediction with a legend (unseen marked *)
 """
@@ -42,7 +43,7 @@ from cascade_clip.classes import config_unseen_names
 from cascade_clip.config import Config
 from cascade_clip.distributed import DistEnv, all_reduce_max, all_reduce_sum, init_distributed, loader_workers
 from cascade_clip.errors import InputError
-from cascade_clip.inference import calibrate, predict_labels, sliding_window_scores
+from cascade_clip.inference import calibrate, class_scores, predict_labels, sliding_window_scores
 from cascade_clip.metrics import confusion_matrix, summarize
 from cascade_clip.model import CascadeCLIP, TappedEncoder, load_clip
 from cascade_clip.text_cache import text_embeddings
@@ -285,7 +286,15 @@ def evaluate(
     else:
         setting = state.get("setting", cfg.train.setting)
     calibration = cfg.model.seen_calibration if setting == "inductive" else 0.0
-    queries = text_embeddings(cfg, names, text, clip, tokenizer, env.device)  # (K, C)
+    # each class's prompts (several for VOC-21's background: evaluate.voc21_background)
+    from cascade_clip.data.registry import class_prompts
+
+    prompts = class_prompts(cfg.dataset.name, names, cfg.evaluate.voc21_background)
+    groups, flat = [], []
+    for ps in prompts:
+        groups.append(list(range(len(flat), len(flat) + len(ps))))
+        flat.extend(ps)
+    queries = text_embeddings(cfg, tuple(flat), text, clip, tokenizer, env.device)  # (Q, C)
     amp = cfg.train.amp and env.device.type == "cuda"
     logits_fn = make_logits_fn(model, queries, amp, env.device)
 
@@ -307,8 +316,9 @@ def evaluate(
         image = item["image"].unsqueeze(0).to(env.device)  # (1, 3, h, w) eval size
         label = item["label"]  # (H, W) original size, train ids / 255
         scores = sliding_window_scores(
-            logits_fn, image, len(names), cfg.evaluate.crop_size, cfg.evaluate.stride
-        )  # (1, K, h, w)
+            logits_fn, image, len(flat), cfg.evaluate.crop_size, cfg.evaluate.stride
+        )  # (1, Q, h, w)
+        scores = class_scores(scores, groups)  # (1, K, h, w): a class's maximum over its prompts
         scores = calibrate(scores, seen_ids, calibration)
         pred = predict_labels(scores, tuple(label.shape))[0].cpu()  # (H, W)
         confusion += confusion_matrix(pred, label, len(names), dataset.ignore_index)
@@ -335,6 +345,9 @@ def evaluate(
             "world_size": env.world_size,
         }
     )
+    if cfg.dataset.name == "voc21":  # the background protocol, named (report: open_vocab)
+        metrics["voc21_background"] = cfg.evaluate.voc21_background
+        metrics["background_prompts"] = list(prompts[0])
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2) + "\n")

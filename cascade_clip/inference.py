@@ -59,6 +59,14 @@ def sliding_window_scores(
     return scores / count
 
 
+def class_scores(scores: torch.Tensor, groups: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(B, Q, H, W) prompt scores -> (B, K, H, W) class scores, each class the maximum over its
+    prompts' channels (`groups[k]`); with one prompt per class, `scores` itself."""
+    if all(len(g) == 1 for g in groups) and [g[0] for g in groups] == list(range(scores.shape[1])):
+        return scores
+    return torch.stack([scores[:, list(g)].amax(dim=1) for g in groups], dim=1)
+
+
 def predict_labels(scores: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
     """(B, K, H, W) scores -> (B, H0, W0) int64 class ids at the original image size."""
     if scores.shape[-2:] != tuple(out_size):

@@ -2,10 +2,14 @@
 (docs/design.md: The paper's experiments).
 
 - `paper_rows()`: every row of the paper's tables by its stable id (`t4.cascade_nga`, ...);
+- `main_result_rows(dataset, setting)`: what a main (or self-training) run stands beside: the
+  paper's Cascade-CLIP row of Table 2 or 3, and the release README's average;
 - `row_paper_ids(row)`, `row_overrides(row)`: an `ablations:` row's paper ids and its config
   overrides (the `paper` key is not a config key);
 - `compare(...)`: whether the paper's direction between two rows holds in ours, within the
-  seeds' spread.
+  seeds' spread;
+- `field_entries()`: the field's open-vocabulary figures (`cascade_clip/data/field.yaml`), each
+  with its source and protocol.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class PaperRow:
     params_m: float | None = None
     S_spread: float | None = None
     U_spread: float | None = None
+    grid: bool = True  # False: no config of this project runs it (paper.yaml says why)
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class PaperTable:
     title: str
     source: str
     rows: tuple[str, ...]  # row ids in the paper's order
+    show_all: bool = False  # the report shows every row of a run's dataset, matched or not
 
 
 @functools.cache
@@ -68,10 +74,10 @@ def _load() -> tuple[dict[str, Any], dict[str, PaperTable], dict[str, PaperRow]]
                 setting=r.get("setting", t.get("setting")), S=float(r["S"]), U=float(r["U"]),
                 h=float(h) if h is not None else harmonic_iou(r["S"], r["U"]), h_computed=h is None,
                 source=t["source"], vs=None if vs == r["id"] else vs, params_m=r.get("params_m"),
-                S_spread=r.get("S_spread"), U_spread=r.get("U_spread"),
+                S_spread=r.get("S_spread"), U_spread=r.get("U_spread"), grid=r.get("grid", True),
             )
             ids.append(r["id"])
-        tables[name] = PaperTable(name, t["title"], t["source"], tuple(ids))
+        tables[name] = PaperTable(name, t["title"], t["source"], tuple(ids), bool(t.get("show_all")))
     return data["sources"], tables, rows
 
 
@@ -98,9 +104,21 @@ def paper_row(row_id: str) -> PaperRow:
     return rows[row_id]
 
 
-def main_result_row(dataset: str, setting: str) -> PaperRow | None:
-    """The main-results row (table `main`) of a dataset and setting, if there is one."""
-    return paper_rows().get(f"main.{dataset}.{setting}")
+# The paper's table of each dataset's main results.
+MAIN_RESULTS_TABLE = {"coco_stuff_164k": "t2", "voc12": "t2", "pascal_context_59": "t3"}
+
+
+def main_result_rows(dataset: str, setting: str) -> list[PaperRow]:
+    """What the main run (inductive) or its self-training run (transductive) of `dataset`
+    stands beside: the paper's Cascade-CLIP row (Table 2 or 3), then the release README's
+    average (table `release`); none for a dataset the paper does not report."""
+    table = MAIN_RESULTS_TABLE.get(dataset)
+    suffix = {"inductive": "", "transductive": "_st"}.get(setting)
+    if table is None or suffix is None:
+        return []
+    rows = paper_rows()
+    ids = [f"{table}.{dataset}.cascade_clip{suffix}", f"release.{dataset}.{setting}"]
+    return [rows[i] for i in ids if i in rows]
 
 
 # --- ablation rows -------------------------------------------------------------------------
@@ -165,3 +183,33 @@ def compare(row: Mapping[str, float], other: Mapping[str, float], paper_row_: Pa
             verdict = "holds" if (ours > 0) == (paper > 0) else "reversed"
         out.append(Direction(m, paper, ours, spread, verdict))
     return out
+
+
+# --- the field's open-vocabulary figures -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FieldEntry:
+    id: str
+    method: str
+    backbone: str
+    source: str
+    protocol: str
+    miou: dict[str, float]  # target dataset -> mIoU (%); targets not given are absent
+
+
+OPEN_VOCAB_TARGETS = ("ade20k_847", "pascal_context_459", "ade20k_150", "pascal_context_59", "voc12", "voc21")
+
+
+@functools.cache
+def field_entries() -> tuple[FieldEntry, ...]:
+    """Other methods' open-vocabulary figures (COCO-Stuff-trained, every class seen), in file order."""
+    data = yaml.safe_load(files("cascade_clip.data").joinpath("field.yaml").read_text())
+    out = []
+    for e in data["entries"]:
+        unknown = sorted(set(e["miou"]) - set(OPEN_VOCAB_TARGETS))
+        if unknown:
+            raise InputError(f"field.yaml: entry {e['id']!r} names unknown targets {unknown}")
+        out.append(FieldEntry(e["id"], e["method"], e["backbone"], " ".join(e["source"].split()),
+                              " ".join(e["protocol"].split()), {k: float(v) for k, v in e["miou"].items()}))
+    return tuple(out)

@@ -217,17 +217,34 @@ def _gt_only_miou(m: dict) -> float:
 
 def open_vocab_table(results: Path, cross: Sequence[str], out: Path) -> None:
     """open_vocab.html (a page beside those the module doc lists): each cross-dataset target's
-    mIoU under both rules for classes absent from the ground truth (cascade_clip.metrics),
-    by which the peers' 459- and 847-class numbers differ."""
+    mIoU under both rules for classes absent from the ground truth (cascade_clip.metrics), by
+    which the peers' 459- and 847-class numbers differ, VOC-21's background protocol, and the
+    field's figures for the target beside them (cascade_clip/data/field.yaml), each entry's
+    source and protocol listed under the table."""
+    from cascade_clip.data.registry import VOC21_BACKGROUND_LABELS
+    from cascade_clip.paper import field_entries
+
+    entries = field_entries()
     rows = []
     for dataset in cross:
         m = read_metrics(results / "eval" / "cross" / dataset / "metrics.json")
-        rows.append([dataset, str(len(m.get("per_class_iou", {}))), str(m.get("num_images", "")),
-                     _fmt(as_score(m.get("miou", m.get("miou_seen")))), _fmt(_gt_only_miou(m))])
+        target = dataset
+        protocol = m.get("voc21_background")
+        if protocol:  # the protocol VOC-21 was scored with
+            target += f" (background: {VOC21_BACKGROUND_LABELS.get(protocol, protocol)})"
+        rows.append([target, str(len(m.get("per_class_iou", {}))), str(m.get("num_images", "")),
+                     _fmt(as_score(m.get("miou", m.get("miou_seen")))), _fmt(_gt_only_miou(m)),
+                     *(_fmt(e.miou.get(dataset)) for e in entries)])
     header = ["target", "classes", "images", "mIoU: classes in ground truth or prediction",
-              "mIoU: classes in ground truth only"]
-    title = "Main run on other datasets (every class seen), under both rules for absent classes"
-    (out / "open_vocab.html").write_text(_html_table(header, rows, title))
+              "mIoU: classes in ground truth only", *(f"{e.method} {e.backbone}" for e in entries)]
+    title = ("Main run on other datasets (every class seen), under both rules for absent classes, "
+             "beside the field's")
+    notes = "".join(f"<li><b>{html.escape(e.method)} {html.escape(e.backbone)}</b>: {html.escape(e.source)}. "
+                    f"Protocol: {html.escape(e.protocol)}.</li>" for e in entries)
+    page = _html_table(header, rows, title).replace(
+        "</body>", "<p>The field's figures (mIoU %, COCO-Stuff-trained, every class seen; ours is "
+                   "gt_or_pred, as theirs):</p><ul>" + notes + "</ul></body>")
+    (out / "open_vocab.html").write_text(page)
 
 
 def per_class_table(results: Path, runs: Sequence[str], unseen: Sequence[str], out: Path) -> None:
@@ -308,16 +325,16 @@ PAPER_SCORES = {"S": "miou_seen", "U": "miou_unseen", "h": "hiou"}
 def paper_matches(rows: Sequence[dict], ablations: Mapping[str, Any] | None, dataset: str | None,
                   main_run: str | None) -> list[tuple[PaperRow, dict]]:
     """(paper row, our row record from `row_means`) for every row whose ablation names paper
-    rows, and for the main run and its self-training run the main-results row of the
-    dataset and setting; in the paper's table order."""
-    from cascade_clip.paper import main_result_row, paper_row, paper_tables, row_paper_ids
+    rows, and for the main run and its self-training run the main results of the dataset and
+    setting (the paper's Table 2 or 3, the release README's average); in the paper's table
+    order."""
+    from cascade_clip.paper import main_result_rows, paper_row, paper_tables, row_paper_ids
 
     pairs: dict[str, list[dict]] = {}
     for rec in rows:
         ids = row_paper_ids((ablations or {}).get(rec["run"]))
         if main_run is not None and dataset is not None and rec["run"] in (main_run, f"{main_run}_st"):
-            main = main_result_row(dataset, rec["setting"])
-            ids = ids + ([main.id] if main is not None else [])
+            ids = ids + [r.id for r in main_result_rows(dataset, rec["setting"])]
         for row_id in ids:
             pairs.setdefault(row_id, []).append(rec)
     order = [row_id for t in paper_tables().values() for row_id in t.rows]
@@ -337,8 +354,10 @@ def paper_tables_report(rows: Sequence[dict], ablations: Mapping[str, Any] | Non
                         main_run: str | None, out: Path) -> list[dict]:
     """paper.{html,csv}: per paper table with a run, laid out as the paper's: its rows, the
     paper's S / U / h, ours (mean ± std over seeds, n) and ours − paper (only when the run's
-    dataset is the paper row's: the shapes miniature's rows stand beside COCO-Stuff's)."""
-    from cascade_clip.paper import paper_sources, paper_tables
+    dataset is the paper row's: the shapes miniature's rows stand beside COCO-Stuff's). The
+    main-results tables (Tables 2, 3: `show_all`) also show their other rows of the dataset
+    (ZegCLIP's), which no run here reproduces."""
+    from cascade_clip.paper import paper_row, paper_sources, paper_tables
 
     matches = paper_matches(rows, ablations, dataset, main_run)
     records, sections = [], []
@@ -346,8 +365,20 @@ def paper_tables_report(rows: Sequence[dict], ablations: Mapping[str, Any] | Non
         here = [(p, rec) for p, rec in matches if p.table == table.name]
         if not here:
             continue
+        if table.show_all:  # the table's rows of the matched datasets, in its order
+            matched = {p.id for p, _ in here}
+            shown = {p.dataset for p, _ in here}
+            here = [pair for row_id in table.rows for pair in
+                    ([(p, rec) for p, rec in here if p.id == row_id] if row_id in matched
+                     else [(paper_row(row_id), None)] if paper_row(row_id).dataset in shown else [])]
         body = []
         for p, rec in here:
+            paper_cells = [_pm(p.S, p.S_spread if p.S_spread is not None else float("nan")),
+                           _pm(p.U, p.U_spread if p.U_spread is not None else float("nan")),
+                           _fmt(p.h) + ("*" if p.h_computed else "")]
+            if rec is None:
+                body.append([p.label, "not run here", *paper_cells, *[""] * 7])
+                continue
             o = ours(rec)
             same = p.dataset == dataset
             rec_out = {"table": table.name, "paper_row": p.id, "run": rec["run"], "seeds": rec["seeds"],
@@ -357,9 +388,6 @@ def paper_tables_report(rows: Sequence[dict], ablations: Mapping[str, Any] | Non
                 rec_out[f"ours_{m}"], rec_out[f"ours_{m}_std"] = o[m], o[f"{m}_std"]
                 rec_out[f"diff_{m}"] = o[m] - getattr(p, m) if same else float("nan")
             records.append(rec_out)
-            paper_cells = [_pm(p.S, p.S_spread if p.S_spread is not None else float("nan")),
-                           _pm(p.U, p.U_spread if p.U_spread is not None else float("nan")),
-                           _fmt(p.h) + ("*" if p.h_computed else "")]
             ours_cells = [_pm(o[m], o[f"{m}_std"]) for m in PAPER_SCORES]
             diff = ([f"{rec_out[f'diff_{m}']:+.1f}" for m in PAPER_SCORES] if same
                     else ["other dataset"] * 3)

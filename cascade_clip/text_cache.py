@@ -1,7 +1,8 @@
 """Cached class text embeddings (docs/design.md: The model, text).
 
-Per dataset and template set, the (K, C) float32 embeddings of ALL the dataset's classes
-(train-id order) are computed once with the frozen text tower and stored in HDF5::
+Per dataset and template set, the (K, C) float32 embeddings of ALL the dataset's class prompts
+(train-id order: one per class, several for VOC-21's background, `query_names`) are computed
+once with the frozen text tower and stored in HDF5::
 
     /embeddings   (K, C) float32, L2-normalised rows
     /class_names  (K,)   UTF-8 strings
@@ -47,6 +48,15 @@ def dataset_classes(cfg: Config) -> list[str]:
     return list(get_spec(cfg.dataset.name).classes)
 
 
+def query_names(cfg: Config, classes: list[str] | tuple[str, ...] | None = None) -> list[str]:
+    """The prompt names `cfg.dataset`'s classes are scored with, flattened in class order
+    (`registry.class_prompts`: each class's name, VOC-21's background the protocol's prompts)."""
+    from cascade_clip.data.registry import class_prompts
+
+    classes = dataset_classes(cfg) if classes is None else classes
+    return [p for ps in class_prompts(cfg.dataset.name, classes, cfg.evaluate.voc21_background) for p in ps]
+
+
 def text_provenance(cfg: Config, class_names: list[str] | None = None) -> dict[str, Any]:
     """The attributes a text-embedding file must share with the config that reads it."""
     from cascade_clip.model import config_templates
@@ -60,21 +70,22 @@ def text_provenance(cfg: Config, class_names: list[str] | None = None) -> dict[s
         "templates": json.dumps(list(templates)),
         "prompt_names": cfg.clip.prompt_names,
         "dataset": cfg.dataset.name,
-        "class_names": class_names if class_names is not None else dataset_classes(cfg),
+        "class_names": class_names if class_names is not None else query_names(cfg),
     }
 
 
 def compute_text_embeddings(
     cfg: Config, clip_model: torch.nn.Module | None = None, tokenizer: Any = None, device: str | None = None
 ) -> tuple[torch.Tensor, list[str]]:
-    """(K, C) float32 embeddings of every class of `cfg.dataset`, and the class names."""
+    """(Q, C) float32 embeddings of every prompt of `cfg.dataset`'s classes (`query_names`), and
+    those names."""
     from cascade_clip.model import config_class_embeddings, load_clip
 
     if clip_model is None:
         clip_model, tokenizer = load_clip(cfg.clip)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     clip_model = clip_model.to(device).eval()
-    names = dataset_classes(cfg)
+    names = query_names(cfg)
     emb = config_class_embeddings(cfg, clip_model, tokenizer, names, device)
     return emb.float().cpu(), names
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from rehearsal.mirrors import jpeg_bytes, png_bytes, sbd_mat_bytes
+from rehearsal.mirrors import context_mat_bytes, jpeg_bytes, png_bytes, sbd_mat_bytes
 
 from cascade_clip.data.convert import (
     convert_ade20k_150,
@@ -324,21 +324,49 @@ def test_convert_voc21_keeps_background_as_class_0(tmp_path):
     assert VOC_21[15] == "person" and VOC_21[0] == "background"
 
 
-def test_convert_pascal_context_459_from_the_same_detail_json(tmp_path):
-    """Category c -> train id c - 1 (the 59's ids and three others alike), unlabeled 65535,
-    in 16-bit labels; the val phase only."""
-    write_context_fixture(tmp_path / "ctx")
+def write_context459_release(root: Path, labelmaps: dict[str, np.ndarray], names=CONTEXT_459) -> None:
+    """PASCAL-Context's trainval.tar.gz, extracted: trainval/<id>.mat and labels.txt."""
+    (root / "trainval").mkdir(parents=True, exist_ok=True)
+    for image_id, labelmap in labelmaps.items():
+        (root / "trainval" / f"{image_id}.mat").write_bytes(context_mat_bytes(labelmap))
+    (root / "labels.txt").write_text("".join(f"{i + 1}: {n}\n" for i, n in enumerate(names)))
+
+
+def test_convert_pascal_context_459_from_the_release_label_maps(tmp_path):
+    """LabelMap c -> train id c - 1 (the 59's and the other 400 alike), 0 -> 65535, pixel for
+    pixel, in 16-bit labels; the val images of Context-59's Detail json only; labels.txt's
+    names checked against ours (spelling aside), a bad file named."""
+    write_context_fixture(tmp_path / "pascal_context_59")
+    rng = np.random.default_rng(0)
+    val = rng.integers(0, 460, (5, 7)).astype(np.uint16)
+    val[0, :3] = (0, 459, 3)  # unlabeled, wool, air conditioner
+    release = tmp_path / "pascal_context_459"
+    joined = [n.replace(" ", "") for n in CONTEXT_459]  # CAT-Seg's spelling of the same names
+    write_context459_release(release, {"2008_000002": np.ones((6, 8), np.uint16), "2008_000003": val}, joined)
     out = tmp_path / "out"
-    assert convert_pascal_context_459(tmp_path / "ctx", out) == {"val": 1}
+    assert convert_pascal_context_459(release, out) == {"val": 1}
     assert json.loads((out / "dataset.json").read_text())["classes"] == list(CONTEXT_459)
     assert not (out / "splits" / "train.txt").exists()
-    val = _label16(out / "labels" / "val" / "2008_000003.png")
-    want = np.full((5, 7), 65535, np.uint16)
-    want[0:2] = CONTEXT_459.index("wood")
-    want[2:5, 0:3] = CONTEXT_459.index("bag")
-    assert np.array_equal(val, want) and (CONTEXT_459.index("wood"), CONTEXT_459.index("bag")) == (457, 8)
+    label = _label16(out / "labels" / "val" / "2008_000003.png")
+    assert np.array_equal(label, np.where(val == 0, 65535, val.astype(np.int64) - 1))
+    assert label[0, :3].tolist() == [65535, 458, 2] and CONTEXT_459[2] == "air conditioner"
     presence = json.loads((out / "splits" / "val.classes.json").read_text())
-    assert presence == {"2008_000003": [8, 457]}
+    assert presence["2008_000003"] == sorted(int(v) - 1 for v in np.unique(val) if v)
+    assert (out / "images" / "val" / "2008_000003.jpg").stat().st_nlink == 2  # Context-59's JPEG, linked
+
+    bad = val.copy()
+    bad[1, 1] = 460
+    write_context459_release(release, {"2008_000003": bad})
+    with pytest.raises(ValueError, match=r"trainval/2008_000003\.mat: LabelMap values \[460\]"):
+        convert_pascal_context_459(release, tmp_path / "o2")
+    (release / "trainval" / "2008_000003.mat").unlink()
+    with pytest.raises(FileNotFoundError, match=r"trainval/2008_000003\.mat: PASCAL-Context label map"):
+        convert_pascal_context_459(release, tmp_path / "o3")
+    names = list(CONTEXT_459)
+    names[10] = "balloons"
+    write_context459_release(release, {"2008_000003": val}, names)
+    with pytest.raises(ValueError, match=r"labels\.txt:11: class 11 is 'balloons', the registry's 'balloon'"):
+        convert_pascal_context_459(release, tmp_path / "o4")
 
 
 def _ade150_fixture(root: Path, value: int = 150) -> None:
@@ -369,9 +397,35 @@ def _ade_seg(index: np.ndarray) -> np.ndarray:
     return rgb
 
 
+def opencv_nearest_rows(src: int, dst: int) -> np.ndarray:
+    """The source row (or column) of each output one under OpenCV's INTER_NEAREST: floor(x *
+    (1 / (dst / src))), clamped; stated here independently of OpenCV, as a test oracle."""
+    return np.minimum(np.floor(np.arange(dst) * (1.0 / (dst / src))).astype(np.int64), src - 1)
+
+
+def test_ade20k_847_labels_follow_maskformers_opencv_nearest_rule():
+    """A 1536x2048 label map shrunk to 512x683 as MaskFormer's converter does: every pixel the
+    source pixel OpenCV's nearest rule picks (PIL's centre rule, used before, differs)."""
+    from cascade_clip.data.convert import ade20k_847_resize
+
+    rng = np.random.default_rng(0)
+    for h, w in ((1536, 2048), (600, 700), (2000, 513), (683, 1024)):
+        label = rng.integers(0, 847, (h, w)).astype(np.uint16)
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        small_image, small = ade20k_847_resize(image, label)
+        nh, nw = small.shape
+        assert min(nh, nw) == 512 and small_image.shape == (nh, nw, 3)
+        want = label[opencv_nearest_rows(h, nh)][:, opencv_nearest_rows(w, nw)]
+        assert np.array_equal(small, want), (h, w)
+        pil = np.asarray(Image.fromarray(label).resize((nw, nh), Image.NEAREST))
+        assert (pil != want).mean() > 0.005, (h, w)  # the rule matters
+    image, label = rng.integers(0, 256, (512, 700, 3), dtype=np.uint8), np.zeros((512, 700), np.uint16)
+    assert ade20k_847_resize(image, label)[1] is label  # a short side of 512: kept
+
+
 def test_convert_ade20k_847_maps_object_indices_and_shrinks_large_images(tmp_path):
     """R / 10 * 256 + G through MaskFormer's 847-class map (others 65535); an image whose
-    short side is above 512 shrinks to 512 (its label nearest), a small one is linked."""
+    short side is above 512 shrinks to 512 (its label nearest), every image is re-saved."""
     val = tmp_path / "ade" / "ADE20K_2021_17_01" / "images" / "ADE" / "validation"
     wall, person = ADE20K_847_IDS[0][0], dict((n, i) for i, n in ADE20K_847_IDS)[ADE20K_847[11]]
     small = np.array([[wall, person, 0], [3157, wall, wall]])
@@ -393,4 +447,6 @@ def test_convert_ade20k_847_maps_object_indices_and_shrinks_large_images(tmp_pat
     assert (lab[:250] == 11).all() and (lab[260:] == 0).all()
     with Image.open(out / "images" / "val" / "ADE_val_00000001.jpg") as im:
         assert im.size == (597, 512)
-    assert (out / "images" / "val" / "ADE_val_00000002.jpg").stat().st_nlink == 2  # linked
+    small_image = out / "images" / "val" / "ADE_val_00000002.jpg"
+    assert small_image.stat().st_nlink == 1 and small_image.read_bytes() != (val / "cultural" /
+                                                                            "ADE_val_00000002.jpg").read_bytes()

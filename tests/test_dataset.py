@@ -75,6 +75,7 @@ def test_open_vocab_suite_specs():
         OPEN_VOCAB_SUITE,
         cross_eval_targets,
         download_folder,
+        download_folders,
     )
 
     sizes = {name: len(DATASETS[name].classes) for name in OPEN_VOCAB_SUITE}
@@ -91,7 +92,8 @@ def test_open_vocab_suite_specs():
     assert ade150[-1] == "flag"
     assert ADE20K_847_IDS[0] == (2978, "wall") and ADE20K_847_IDS[-1][1].startswith("adding machine")
     assert len({i for i, _ in ADE20K_847_IDS}) == 847
-    assert (download_folder("voc21"), download_folder("pascal_context_459")) == ("voc12", "pascal_context_59")
+    assert download_folder("voc21") == "voc12"
+    assert download_folders("pascal_context_459") == ["pascal_context_459", "pascal_context_59"]
     raw = {"dataset": {"name": "coco_stuff_164k", "root": "data/coco"},
            "cross_eval": [{"dataset": "voc12", "root": "elsewhere/voc12"}], "workflow": {"open_vocab": True}}
     targets = cross_eval_targets(raw)

@@ -1,6 +1,7 @@
-"""Two gloo processes with batch b each train exactly like one process with batch 2b, and
-evaluate to the same confusion matrix as one process. On a GPU machine, the CLI under
-torchrun trains and evaluates through NCCL, bf16 autocast and the Triton kernels."""
+"""Four gloo processes of one image each make the same update as one process accumulating
+four passes of one image (and so as one process with batch 4: tests/test_train.py), and
+evaluate to the same confusion matrix as one process. On a GPU machine, the CLI under torchrun
+trains and evaluates through NCCL, bf16 autocast and the Triton kernels."""
 
 from __future__ import annotations
 
@@ -77,26 +78,7 @@ def _worker(rank: int, world: int, port: int, cfg, run_dir: Path, eval_ckpt: Pat
         cleanup()
 
 
-def test_two_processes_match_one_with_double_batch(tmp_path, tiny_clip_config):
-    """... and a run they leave half done resumes on one process; rank 0 alone decides whether
-    a run resumes (the others follow or every rank stops with one error)."""
-    from cascade_clip.evaluate import evaluate
-    from cascade_clip.train import train
-
-    root = make_tiny_dataset(tmp_path / "data", n_train=7)
-    b, iters = 2, 3
-    single = tiny_config(root, tiny_clip_config, batch_size=2 * b, iters=iters, checkpoint_interval=2)
-    single_ckpt = train(single, tmp_path / "single", device="cpu")
-    evaluate(single, tmp_path / "eval1", checkpoint=single_ckpt, device="cpu")
-
-    pair = tiny_config(root, tiny_clip_config, batch_size=b, iters=iters, checkpoint_interval=2)
-    cut, cut_cfg = tmp_path / "cut", tiny_config(root, tiny_clip_config, batch_size=b, iters=5)
-    args = (2, free_port(), pair, tmp_path / "pair", single_ckpt, tmp_path / "eval2", cut_cfg, cut)
-    mp.spawn(_worker, args=args, nprocs=2, join=True)
-
-    a, c = trainable(single_ckpt), trainable(tmp_path / "pair" / "model_final.pt")
-    moved = [k for k in a if not torch.equal(a[k], trainable(tmp_path / "single" / "ckpt_half.pt")[k])]
-    assert moved, "training changed nothing"
+def _assert_same_weights(a: dict, c: dict) -> None:
     for k in a:
         x, y = a[k], c[k]
         if k.endswith("attn.in_proj_bias"):
@@ -104,24 +86,54 @@ def test_two_processes_match_one_with_double_batch(tmp_path, tiny_clip_config):
             # a shift common to all keys), so AdamW normalises pure rounding noise there.
             x, y = x.view(3, -1)[[0, 2]], y.view(3, -1)[[0, 2]]
         torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5, msg=k)
-    # only rank 0 wrote: one log record per step, not two
-    log = [json.loads(line) for line in (tmp_path / "pair" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == list(range(1, iters + 1))
-    # the pair's resumable checkpoint holds both ranks' RNG states
-    assert len(torch.load(tmp_path / "pair" / "ckpt_last.pt", weights_only=True)["rng"]) == 2
 
-    one = json.loads((tmp_path / "eval1" / "metrics.json").read_text())
-    two = json.loads((tmp_path / "eval2" / "metrics.json").read_text())
-    assert two["world_size"] == 2 and two["num_images"] == one["num_images"] == 3
-    assert two["per_class_iou"] == one["per_class_iou"]
-    assert (tmp_path / "eval1" / "per_class.csv").read_text() == (
-        tmp_path / "eval2" / "per_class.csv"
-    ).read_text()
 
-    # The half-done run: rank 1 could not follow rank 0's resume, so neither went on (before
-    # issue 24 each rank decided alone: one resumed, the other started over), and nothing in
-    # the folder was touched; resumed on one process, it continues from step 2.
-    errors = [(cut / f"error{r}.txt").read_text() for r in (0, 1)]
+def test_four_processes_match_one_accumulating_four_passes(tmp_path, tiny_clip_config):
+    """train.global_batch 4 with one image per pass: 4 gloo processes take one pass each, one
+    process accumulates 4 (issue 32). The loss's normaliser (present image-class pairs) is the
+    mean over ranks in one and over passes in the other, so every update is the same; the
+    images hold 1 to 3 seen classes, so a normaliser per pass would differ. (One process with
+    4 passes makes the update of one pass of 4 images: tests/test_train.py.) The 4 ranks
+    evaluate to one process's confusion matrix, and a run they leave half done resumes on one
+    process; rank 0 alone decides whether a run resumes (the others follow or every rank stops
+    with one error)."""
+    from cascade_clip.evaluate import evaluate
+    from cascade_clip.train import train
+
+    root = make_tiny_dataset(tmp_path / "data", n_train=7)
+    iters, world = 3, 4
+    one_a_pass = {"batch_size": 1, "global_batch": 4}
+    cfg = tiny_config(root, tiny_clip_config, iters=iters, checkpoint_interval=2, **one_a_pass)
+    single_ckpt = train(cfg, tmp_path / "single", device="cpu")
+    evaluate(cfg, tmp_path / "eval1", checkpoint=single_ckpt, device="cpu")
+
+    cut, cut_cfg = tmp_path / "cut", tiny_config(root, tiny_clip_config, iters=5, **one_a_pass)
+    args = (world, free_port(), cfg, tmp_path / "four", single_ckpt, tmp_path / "eval2", cut_cfg, cut)
+    mp.spawn(_worker, args=args, nprocs=world, join=True)
+
+    a, c = trainable(single_ckpt), trainable(tmp_path / "four" / "model_final.pt")
+    moved = [k for k in a if not torch.equal(a[k], trainable(tmp_path / "single" / "ckpt_half.pt")[k])]
+    assert moved, "training changed nothing"
+    _assert_same_weights(a, c)
+    one = [json.loads(line) for line in (tmp_path / "single" / "log.jsonl").read_text().splitlines()]
+    four = [json.loads(line) for line in (tmp_path / "four" / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in one] == pytest.approx([r["loss"] for r in four], rel=1e-5)
+    # only rank 0 wrote: one log record per step, not four
+    assert [r["step"] for r in four] == list(range(1, iters + 1))
+    # the ranks' resumable checkpoint holds every rank's RNG state
+    assert len(torch.load(tmp_path / "four" / "ckpt_last.pt", weights_only=True)["rng"]) == world
+
+    m1 = json.loads((tmp_path / "eval1" / "metrics.json").read_text())
+    m4 = json.loads((tmp_path / "eval2" / "metrics.json").read_text())
+    assert m4["world_size"] == world and m4["num_images"] == m1["num_images"] == 3  # one rank has none
+    assert m4["per_class_iou"] == m1["per_class_iou"]
+    csv1, csv4 = ((tmp_path / e / "per_class.csv").read_text() for e in ("eval1", "eval2"))
+    assert csv1 == csv4
+
+    # The half-done run: rank 1 could not follow rank 0's resume, so none went on (before
+    # issue 24 each rank decided alone: one resumed, the others started over), and nothing in
+    # the folder was touched; resumed on one process (4 passes a step), it continues from step 2.
+    errors = [(cut / f"error{r}.txt").read_text() for r in range(world)]
     assert all("ckpt_last.pt: rank 0 resumes from step 2, but rank 1 cannot read it" in e for e in errors)
     assert torch.load(cut / "ckpt_last.pt", weights_only=True)["step"] == 2
     log = [json.loads(line) for line in (cut / "log.jsonl").read_text().splitlines()]
@@ -130,7 +142,7 @@ def test_two_processes_match_one_with_double_batch(tmp_path, tiny_clip_config):
     log = [json.loads(line) for line in (cut / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5]
     assert [r for r in log if "event" in r] == [
-        {"step": 2, "event": "resume", "world_size": 1, "saved_world_size": 2}
+        {"step": 2, "event": "resume", "world_size": 1, "saved_world_size": world}
     ]
 
 

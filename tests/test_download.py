@@ -200,7 +200,7 @@ def test_extract_zip_and_empty_and_not_an_archive(tmp_path):
 # Files whose publishers give no digest: the download records their sha256 at first use
 # (a `<name>.sha256` sidecar) and checks it on every later run. Adding a file here needs a
 # reason in sources.yaml; every other file must carry a published digest.
-UNPUBLISHED = {"stuffthingmaps_trainval2017.zip", "ADE20K_2021_17_01.zip"}
+UNPUBLISHED = {"stuffthingmaps_trainval2017.zip", "ADE20K_2021_17_01.zip", "trainval.tar.gz"}
 # Hosts that serve the file over plain http only (sources.yaml says so in a comment).
 HTTP_ONLY = {"stuffthingmaps_trainval2017.zip", "ADEChallengeData2016.zip"}
 # Files behind a registration: no URL, a page to request them at (https).
@@ -237,11 +237,13 @@ def digest_problems(sources: dict[str, list[dict]]) -> list[str]:
 
 def test_packaged_sources_cover_real_datasets():
     src = load_sources()
-    assert set(src) == {"coco_stuff_164k", "voc12", "pascal_context_59", "ade20k_150", "ade20k_847"}
+    assert set(src) == {"coco_stuff_164k", "voc12", "pascal_context_59", "pascal_context_459", "ade20k_150",
+                        "ade20k_847"}
     names = {e["name"] for files in src.values() for e in files}
     assert {"train2017.zip", "val2017.zip", "stuffthingmaps_trainval2017.zip",
             "VOCtrainval_11-May-2012.tar", "benchmark.tgz", "VOCtrainval_03-May-2010.tar",
-            "trainval_merged.json", "ADEChallengeData2016.zip", "ADE20K_2021_17_01.zip"} <= names
+            "trainval_merged.json", "trainval.tar.gz", "ADEChallengeData2016.zip",
+            "ADE20K_2021_17_01.zip"} <= names
     assert UNPUBLISHED | HTTP_ONLY | REGISTERED <= names
     assert digest_problems(src) == []
 

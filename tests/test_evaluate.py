@@ -172,3 +172,85 @@ def test_checkpoint_from_other_model_config_is_refused(trained, tmp_path, capsys
     )
     assert main(base) == 2
     assert "a checkpoint is needed" in capsys.readouterr().err
+
+
+# --- VOC-21's background protocols (issue 32) ----------------------------------------------------
+
+
+def test_voc21_background_protocols_and_catsegs_fold():
+    """CAT-Seg's protocol: queries VOC's 20 names then 39 Context names, argmax, every
+    prediction >= 20 folded into background. Scoring background as the maximum over those 39
+    prompts gives the same labels; FC-CLIP's scores it by its stuff synonyms; one word."""
+    from cascade_clip.data.registry import CONTEXT_59, VOC21_BACKGROUND, VOC_21, VOC_CLASSES, class_prompts
+    from cascade_clip.inference import class_scores
+
+    catseg = VOC21_BACKGROUND["catseg"]
+    assert len(catseg) == 39 and set(catseg) == set(CONTEXT_59) - set(VOC_CLASSES) - {"table"}
+    fcclip = VOC21_BACKGROUND["fcclip"]
+    assert fcclip[:3] == ("background", "crops", "bush") and len(fcclip) == 72  # 74 published, 2 repeats
+    assert VOC21_BACKGROUND["word"] == ("background",)
+    prompts = class_prompts("voc21", VOC_21)  # the default: CAT-Seg's
+    assert prompts[0] == catseg and prompts[1:] == [(c,) for c in VOC_CLASSES]
+    assert class_prompts("voc21", VOC_21, "word")[0] == ("background",)
+    assert class_prompts("voc12", VOC_CLASSES) == [(c,) for c in VOC_CLASSES]  # one prompt a class elsewhere
+    with pytest.raises(ValueError, match="voc21_background: 'mmseg' is not one of"):
+        class_prompts("voc21", VOC_21, "mmseg")
+
+    # our query order: the 39 background prompts, then the 20 VOC classes
+    scores = torch.rand(2, 39 + 20, 6, 5)
+    groups = [list(range(39))] + [[39 + i] for i in range(20)]
+    ours = class_scores(scores, groups).argmax(dim=1)  # 0 = background, 1..20 = VOC's
+    catseg_order = torch.cat([scores[:, 39:], scores[:, :39]], dim=1)  # voc20b.json's order
+    pred = catseg_order.argmax(dim=1)
+    pred[pred >= 20] = 20  # VOCbEvaluator
+    assert torch.equal(ours, torch.where(pred == 20, 0, pred + 1))
+    one = torch.rand(1, 4, 3, 3)
+    assert class_scores(one, [[0], [1], [2], [3]]) is one  # one prompt a class: the scores themselves
+
+
+def test_voc21_evaluation_names_its_background_protocol(trained, tmp_path):
+    """Cross-dataset evaluation on VOC-21: the text embeddings hold the protocol's background
+    prompts beside the 20 classes, and metrics.json names the protocol (CAT-Seg's unless set)
+    and its prompts."""
+    from PIL import Image
+
+    from cascade_clip.cli import main
+    from cascade_clip.data.registry import VOC21_BACKGROUND, VOC_21
+    from cascade_clip.text_cache import load_text_embeddings
+
+    cfg, ckpt = trained
+    root = make_tiny_dataset(tmp_path / "voc21", n_train=1, n_val=2, seed=3)
+    for path in (root / "labels" / "val").glob("*.png"):  # tiny ids 0..4 -> background, 1..4
+        with Image.open(path) as im:
+            label = np.array(im)
+        Image.fromarray(np.where(label == 255, 255, label).astype(np.uint8)).save(path)
+    (root / "dataset.json").write_text(json.dumps({"name": "voc21", "classes": list(VOC_21),
+                                                   "image_suffix": ".png", "label_suffix": ".png"}))
+    config = write_config(cfg, tmp_path / "c.yaml")
+    for protocol in ("catseg", "word"):
+        text, out = tmp_path / f"{protocol}.h5", tmp_path / protocol
+        common = ["--config", str(config)]
+        if protocol != "catseg":  # the default
+            common += ["--set", f"evaluate.voc21_background={protocol}"]
+        assert main(["text-embeddings", *common, "--set", "dataset.name=voc21", "--set",
+                     f"dataset.root={root}", "--set", "dataset.unseen=[]", "--out", str(text)]) == 0
+        assert main(["evaluate", *common, "--checkpoint", str(ckpt), "--text", str(text), "--out", str(out),
+                     "--dataset-root", str(root), "--dataset", "voc21"]) == 0
+        saved = json.loads((out / "metrics.json").read_text())
+        assert saved["voc21_background"] == protocol
+        assert saved["background_prompts"] == list(VOC21_BACKGROUND[protocol])
+        assert list(saved["per_class_iou"]) == list(VOC_21)
+        cfg_here = load_config_from(config, protocol, root)
+        names = load_text_embeddings(text, cfg_here)[1]
+        assert names == [*VOC21_BACKGROUND[protocol], *VOC_21[1:]]
+    # a text file made for another protocol is refused by name
+    assert main(["evaluate", "--config", str(config), "--checkpoint", str(ckpt), "--text",
+                 str(tmp_path / "word.h5"), "--out", str(tmp_path / "x"), "--dataset-root", str(root),
+                 "--dataset", "voc21"]) == 2
+
+
+def load_config_from(config: Path, protocol: str, root: Path):
+    from cascade_clip.config import load_config
+
+    return load_config(config, {"evaluate.voc21_background": protocol, "dataset.name": "voc21",
+                                "dataset.root": str(root), "dataset.unseen": []})

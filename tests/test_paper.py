@@ -47,9 +47,10 @@ def _split(row_id: str) -> list[list[int]]:
 
 def test_the_paper_figures_as_data():
     rows, tables = paper_rows(), paper_tables()
-    assert list(tables) == ["main", "t4", "t5", "t6", "t7", "t8", "t9", "t10"]
+    assert list(tables) == ["t2", "t3", "release", "t4", "t5", "t6", "t7", "t8", "t9", "t10"]
     counts = {name: len(t.rows) for name, t in tables.items()}
-    assert counts == {"main": 6, "t4": 3, "t5": 3, "t6": 5, "t7": 3, "t8": 6, "t9": 2, "t10": 8}
+    assert counts == {"t2": 8, "t3": 4, "release": 6, "t4": 3, "t5": 3, "t6": 5, "t7": 3, "t8": 6, "t9": 2,
+                      "t10": 24}
     for row in rows.values():
         # a transcription check: each quoted hIoU is 2SU/(S+U) up to the paper's rounding
         assert abs(row.h - 2 * row.S * row.U / (row.S + row.U)) <= 0.1, row.id
@@ -60,15 +61,43 @@ def test_the_paper_figures_as_data():
     assert rows["t10.voc12.zegclip_fs_ours"].vs == "t10.voc12.zegclip_fs"
     fs = rows["t10.voc12.zegclip_fs"]
     assert fs.setting == "fully_supervised" and fs.h_computed
-    assert rows["main.voc12.transductive"].source == "release_readme" and rows["t4.cascade"].source == "paper"
+    assert rows["release.voc12.transductive"].source == "release_readme"
+    assert rows["t4.cascade"].source == rows["t2.voc12.cascade_clip"].source == "paper"
+    assert rows["t3.pascal_context_59.zegclip_st"].h == 47.1
     with pytest.raises(ValueError, match="unknown paper row 't4.nope'"):
         paper_row("t4.nope")
 
 
+def test_main_results_are_the_papers_tables_2_and_3_then_the_release():
+    """The main run and its self-training run stand beside the paper's Cascade-CLIP rows of
+    Tables 2 and 3, then the release README's averages; Table 10's rows that repeat Table 2
+    carry the same figures (a transcription check)."""
+    from cascade_clip.paper import main_result_rows
+
+    want = {("coco_stuff_164k", "inductive"): (41.1, 43.4, 42.2),
+            ("coco_stuff_164k", "transductive"): (41.7, 62.5, 50.0),
+            ("voc12", "inductive"): (92.7, 83.1, 87.7), ("voc12", "transductive"): (93.3, 93.4, 93.4),
+            ("pascal_context_59", "inductive"): (55.9, 47.2, 51.2),
+            ("pascal_context_59", "transductive"): (56.4, 55.0, 55.7)}
+    for (dataset, setting), (s, u, h) in want.items():
+        paper, release = main_result_rows(dataset, setting)
+        assert (paper.S, paper.U, paper.h, paper.source) == (s, u, h, "paper"), (dataset, setting)
+        assert paper.table in ("t2", "t3") and paper.setting == setting and paper.dataset == dataset
+        assert release.id == f"release.{dataset}.{setting}" and release.source == "release_readme"
+    assert main_result_rows("shapes", "inductive") == main_result_rows("voc12", "fully_supervised") == []
+    rows = paper_rows()
+    for ds in ("coco_stuff_164k", "voc12"):
+        for t10, t2 in (("zegclip", "zegclip"), ("zegclip_ours", "cascade_clip"),
+                        ("zegclip_st", "zegclip_st"), ("zegclip_ours_st", "cascade_clip_st")):
+            a, b = rows[f"t10.{ds}.{t10}"], rows[f"t2.{ds}.{t2}"]
+            assert (a.S, a.U, a.setting) == (b.S, b.U, b.setting) and not a.grid, (ds, t10)
+
+
 def test_grids_name_every_row_of_their_tables():
     coco = [i for t in ABLATION_TABLES for i in paper_tables()[t].rows]
-    coco += [i for i in paper_tables()["t10"].rows if ".coco_stuff_164k." in i]
-    voc = [i for i in paper_tables()["t10"].rows if ".voc12." in i]
+    t10 = [i for i in paper_tables()["t10"].rows if paper_row(i).grid]  # SPT-SEG etc.: run by no grid
+    coco += [i for i in t10 if ".coco_stuff_164k." in i]
+    voc = [i for i in t10 if ".voc12." in i]
     assert _named("coco_stuff_ablations") == set(coco)
     assert _named("voc_ablations") == set(voc)
     assert _named("shapes_ablations") == set(coco)

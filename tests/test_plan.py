@@ -383,3 +383,21 @@ def test_help(capsys):
                                      (None, "?")])
 def test_fmt_bytes(n, text):
     assert plan.fmt_bytes(n) == text
+
+
+def test_plan_prints_the_accumulation_and_one_gpus_memory(tmp_path, capsys):
+    """The release's global batch on the GPUs the config gives: 4 x 4 x 1 as released, 1 x 4 x 4
+    on one GPU (and four passes a step in the time), with the measured peak memory of a pass
+    where NOTES.md has one (bf16) and the nearest measurement otherwise."""
+    argv = ["--config", str(ROOT / "config/voc.yaml"), "--set", f"dataset.root={tmp_path / 'voc'}"]
+    out = _plan_text(capsys, *argv)
+    assert "cascade            global batch 16 = 4 process(es) x 4 image(s) x 1 accumulation step(s)" in out
+    assert "cascade_st         global batch 32 = 4 process(es) x 8 image(s) x 1 accumulation step(s)" in out
+    assert ("per GPU: not measured (the nearest, NOTES.md Training, H100: 2,332 MiB; this run differs: "
+            "train.amp false (measured true))") in out
+    out = _plan_text(capsys, *argv, "--set", "workflow.train_gpus=1", "--set", "train.amp=true")
+    assert ("cascade            global batch 16 = 1 process(es) x 4 image(s) x 4 accumulation step(s); "
+            "per GPU: 2,332 MiB (NOTES.md Training, H100)") in out
+    assert "frozen             global batch 16 = 1 process(es) x 4 image(s) x 4 accumulation step(s)" in out
+    assert "train cascade (20,000 it): ~8.6 h at 2.59 it/s (4 passes a step" in out  # 4 x the 4-GPU time
+    assert "cascade                 20,000 it at 2.59 it/s: 8.6 h on 1 GPUs = 8.6 GPU h" in out

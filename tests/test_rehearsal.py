@@ -40,11 +40,12 @@ from rehearsal.mirrors import (
 )
 
 from cascade_clip.data.convert import decode_rle
-from cascade_clip.data.registry import DATASETS
+from cascade_clip.data.registry import CONTEXT_59_DETAIL_IDS, DATASETS
 
 ROOT = Path(__file__).resolve().parents[1]
 REHEARSAL = ROOT / "tests" / "rehearsal"
 # Image counts of the miniatures: 4 training images (one per cache shard), 1 validation image.
+# Context-459's release mirrors Context-59's images.
 SPECS = {name: MirrorSpec(train=4, val=1) for name in ("coco_stuff_164k", "voc12", "pascal_context_59",
                                                       "ade20k_150", "ade20k_847")}
 CONFIGS = ("voc.yaml", "context.yaml", "coco_stuff.yaml")
@@ -129,10 +130,57 @@ def test_mirrors_download_and_prepare_to_every_class(mirror, tmp_path):
                 present |= set(np.unique(label_array(out / "labels" / split / f"{i}.png")).tolist())
         assert present - {label_ignore_index(len(classes))} == set(range(len(classes))), name
         assert data.train_ids or not (out / "splits" / "train.txt").exists()
+        if name == "ade20k_847":  # MaskFormer's converter: OpenCV's nearest rule on the shrunk image
+            check_ade847_as_maskformer(data, out)
+        if name == "pascal_context_459":  # the peers' rule, pixel for pixel: LabelMap - 1, 0 -> ignore
+            for i in data.val_ids:
+                labelmap = release_labelmap(data.archives["trainval.tar.gz"], i)
+                assert labelmap.max() > 59  # classes beyond the 59, which Detail's json lacks
+                want = np.where(labelmap == 0, 65535, labelmap.astype(np.int64) - 1)
+                assert np.array_equal(label_array(out / "labels" / "val" / f"{i}.png"), want), i
     requested = {path for path, _ in mirror.server.log}
     fetched = {n for name, d in mirror.datasets.items() if name not in DERIVED for n in d.archives}
     assert requested == {f"/{n}" for n in fetched if n != "ADE20K_2021_17_01.zip"}
     print("\ndownload + prepare of each miniature (s):", {k: round(v, 2) for k, v in seconds.items()})
+
+
+def check_ade847_as_maskformer(data, out: Path) -> None:
+    """The mirror's large validation image, shrunk to 512 on its short side: its label is the
+    source label at OpenCV's nearest pixels (floor(x * src / dst), the rule of the
+    `cv2.resize` MaskFormer's converter calls; tests/test_convert.py states it), the 847-class
+    map applied."""
+    import io
+    import zipfile
+
+    from test_convert import opencv_nearest_rows
+
+    from cascade_clip.data.convert import ade20k_847_lut
+
+    image_id = data.val_ids[0]
+    with zipfile.ZipFile(data.archives["ADE20K_2021_17_01.zip"]) as zf:
+        member = next(n for n in zf.namelist() if n.endswith(f"/{image_id}_seg.png"))
+        seg = np.asarray(Image.open(io.BytesIO(zf.read(member))), np.int64)
+    index = seg[..., 0] // 10 * 256 + seg[..., 1]
+    label = label_array(out / "labels" / "val" / f"{image_id}.png")
+    h, w = index.shape
+    assert min(h, w) > 512 and min(label.shape) == 512
+    rows, cols = opencv_nearest_rows(h, label.shape[0]), opencv_nearest_rows(w, label.shape[1])
+    want = ade20k_847_lut()[index][rows][:, cols]
+    assert np.array_equal(label, want)
+    with Image.open(out / "images" / "val" / f"{image_id}.jpg") as im:
+        assert im.size == label.shape[::-1]
+
+
+def release_labelmap(archive: Path, image_id: str) -> np.ndarray:
+    """The LabelMap of `trainval/<image_id>.mat` in PASCAL-Context's trainval.tar.gz."""
+    import io
+    import tarfile
+
+    from scipy.io import loadmat
+
+    with tarfile.open(archive) as tar:
+        data = tar.extractfile(f"trainval/{image_id}.mat").read()
+    return loadmat(io.BytesIO(data))["LabelMap"]
 
 
 def test_mirror_layouts_are_the_real_ones(mirror):
@@ -145,7 +193,7 @@ def test_mirror_layouts_are_the_real_ones(mirror):
         for archive, path in data.archives.items():
             if archive.endswith(".zip"):
                 names[archive] = zipfile.ZipFile(path).namelist()
-            elif archive.endswith((".tar", ".tgz")):
+            elif archive.endswith((".tar", ".tgz", ".tar.gz")):
                 names[archive] = tarfile.open(path).getnames()
     assert "train2017/000000000009.jpg" in names["train2017.zip"]
     assert "val2017/000000000139.png" in names["stuffthingmaps_trainval2017.zip"]
@@ -158,6 +206,15 @@ def test_mirror_layouts_are_the_real_ones(mirror):
     detail = json.loads(mirror.datasets["pascal_context_59"].archives["trainval_merged.json"].read_text())
     assert isinstance(detail["annos_segmentation"][0]["segmentation"]["counts"], str)  # compressed RLE
     assert {im["phase"] for im in detail["images"]} == {"train", "val"}
+    # Detail's masks hold the 59 classes only (MMSegmentation's converter asserts it over the
+    # real file); the 459 come from PASCAL-Context's own release.
+    assert {a["category_id"] for a in detail["annos_segmentation"]} == {c for _, c in CONTEXT_59_DETAIL_IDS}
+    assert len(detail["categories"]) == 459
+    release = names["trainval.tar.gz"]
+    assert "labels.txt" in release and "trainval/2008_000200.mat" in release
+    labelmap = release_labelmap(mirror.datasets["pascal_context_459"].archives["trainval.tar.gz"],
+                                "2008_000002")
+    assert labelmap.dtype == np.uint16 and set(np.unique(labelmap)) == set(range(460))
     # COCO-Stuff maps never hold the 11 unused thing ids; VOC's are palette images.
     assert len(COCO_KEPT_IDS) == 171
 
@@ -169,8 +226,9 @@ def test_mirror_layouts_are_the_real_ones(mirror):
 # sizes, and processes per job.
 ALLOWED = (
     "sources.", "clip.pretrained", "clip.model", "clip.model_config", "clip.image_size",
-    "train.iters", "train.batch_size", "train.augment.crop_size", "train.augment.scale",
-    "self_train.iters", "self_train.batch_size", "evaluate.", "workflow.train_gpus", "workflow.eval_gpus",
+    "train.iters", "train.batch_size", "train.global_batch", "train.augment.crop_size", "train.augment.scale",
+    "self_train.iters", "self_train.batch_size", "self_train.global_batch", "evaluate.",
+    "workflow.train_gpus", "workflow.eval_gpus",
 )
 
 
@@ -223,8 +281,9 @@ def test_cross_dataset_evaluation_takes_the_cli_cross_path(tmp_path):
     """evaluate_cross evaluates the COCO-Stuff model on VOC and Context (its cross_eval) and,
     with workflow.open_vocab, on the whole suite, through evaluate's cross-dataset options
     (every class seen, the checkpoint's own classes not required), not by renaming the
-    config's dataset, which the checkpoint check refuses. VOC-21 and Context-459 are
-    converted from VOC's and Context's downloads; ADE20K-150 and -847 have their own."""
+    config's dataset, which the checkpoint check refuses. VOC-21 is converted from VOC's
+    download, Context-459 from its own labels and Context-59's images; ADE20K-150 and -847
+    have their own."""
     real = read_yaml(ROOT / "config" / "coco_stuff.yaml")
     assert real["workflow"]["open_vocab"] is False  # the suite is opt-in (ADE20K-847's registration)
     assert [c["dataset"] for c in real["cross_eval"]] == ["voc12", "pascal_context_59"]
@@ -240,7 +299,8 @@ def test_cross_dataset_evaluation_takes_the_cli_cross_path(tmp_path):
         assert f"--dataset-root resources/data/{dataset} --dataset {dataset}" in command
         assert "--set dataset." not in command
     downloads = sorted(c.split("--dataset ")[1].split()[0] for c in commands if "cascade-clip download" in c)
-    assert downloads == ["ade20k_150", "ade20k_847", "coco_stuff_164k", "pascal_context_59", "voc12"]
+    assert downloads == ["ade20k_150", "ade20k_847", "coco_stuff_164k", "pascal_context_459",
+                         "pascal_context_59", "voc12"]
 
 
 # --- the rehearsals -----------------------------------------------------------------------------

@@ -158,13 +158,35 @@ def test_open_vocab_page_gives_both_rules_for_absent_classes(tmp_path):
     out = tmp_path / "report"
     build_report(res, ["cascade"], ["b"], examples, out, cross=["other", "pascal_context_459"])
     rows = table(out / "open_vocab.html")
-    assert rows[0][-2:] == ["mIoU: classes in ground truth or prediction",
+    assert rows[0][3:5] == ["mIoU: classes in ground truth or prediction",
                             "mIoU: classes in ground truth only"]
-    assert rows[1] == ["other", "0", "3", "33.3", "n/a"]
-    assert rows[2] == ["pascal_context_459", "459", "3", f"{(40 + 30) / 5:.1f}", f"{(40 + 30) / 3:.1f}"]
+    assert rows[1][:5] == ["other", "0", "3", "33.3", "n/a"]
+    assert rows[2][:5] == ["pascal_context_459", "459", "3", f"{(40 + 30) / 5:.1f}", f"{(40 + 30) / 3:.1f}"]
     with open(out / "summary.csv") as f:
         records = {r["run"]: r for r in csv.DictReader(f)}
     assert float(records["cross:pascal_context_459"]["miou_gt_only"]) == pytest.approx(70 / 3)
+
+
+def test_open_vocab_page_sets_the_fields_figures_beside_ours(tmp_path):
+    """Each target's row carries the field's figures for it (CAT-Seg, SAN: cascade_clip/data/
+    field.yaml), n/a where an entry gives none; VOC-21 names its background protocol; every
+    entry's source and protocol are listed under the table."""
+    res, examples = _results(tmp_path)
+    for dataset, miou in (("ade20k_847", 9.0), ("pascal_context_459", 15.0), ("voc21", 70.0)):
+        extra = {"voc21_background": "catseg", "background_prompts": ["bag"]} if dataset == "voc21" else {}
+        _write_metrics(res / f"eval/cross/{dataset}/metrics.json", {**_metrics(miou, miou, {}), "miou": miou},
+                       **extra)
+    out = tmp_path / "report"
+    build_report(res, ["cascade"], ["b"], examples, out, cross=["ade20k_847", "pascal_context_459", "voc21"])
+    rows = table(out / "open_vocab.html")
+    assert rows[0][5:] == ["CAT-Seg ViT-B/16", "SAN ViT-B/16",
+                           "SAN (its released model's evaluation log) ViT-B/16"]
+    assert rows[1][:1] + rows[1][3:4] + rows[1][5:] == ["ade20k_847", "9.0", "12.0", "10.1", "10.2"]
+    assert rows[2][:1] + rows[2][3:4] + rows[2][5:] == ["pascal_context_459", "15.0", "19.0", "12.6", "16.7"]
+    assert rows[3][0] == "voc21 (background: CAT-Seg's (background = max over 39 Context names))"
+    assert rows[3][3:4] + rows[3][5:] == ["70.0", "77.3", "n/a", "n/a"]
+    text = (out / "open_vocab.html").read_text()
+    assert "cvlab-kaist/CAT-Seg README.md, commit 6d3a188" in text and "voc20b protocol" in text
 
 
 def test_curves_empty_without_logs(tmp_path):
@@ -263,7 +285,8 @@ def _tables(path) -> dict[str, list[list[str]]]:
 def test_paper_figures_beside_ours(tmp_path):
     """Runs that name paper rows: each paper table that has one, laid out as the paper's, the
     paper's S / U / h, ours (mean ± std, n) and ours - paper; the main run and its
-    self-training run beside the main results of their dataset and setting."""
+    self-training run beside the paper's Table 2 (ZegCLIP's rows shown, not run here) and the
+    release README's averages."""
     res, examples = _results(tmp_path)
     _write_metrics(res / "eval/cascade_seed1/metrics.json", _metrics(42.0, 44.0, {"a": 42.0, "b": 44.0}))
     _write_metrics(res / "eval/cascade/metrics.json", _metrics(40.0, 42.0, {"a": 40.0, "b": 42.0}))
@@ -278,11 +301,20 @@ def test_paper_figures_beside_ours(tmp_path):
                  main_run="cascade")
     tables = _tables(out / "paper.html")
     assert list(tables) == [
-        "Main results (stand-in for the paper's Tables 2 and 3: the release README's averages)",
+        "Table 2: COCO-Stuff 164K (15 unseen) and PASCAL VOC 2012 (5 unseen), main results",
+        "Main results as the release README gives them (averages of several training runs)",
         "Table 4: the cascade and NGA",
         "Table 9: shared or independent text embeddings (query projections)",
     ]
-    main, t4 = tables[list(tables)[0]], tables["Table 4: the cascade and NGA"]
+    t2, main, t4 = (tables[t] for t in list(tables)[:3])
+    # Table 2's COCO-Stuff rows in its order: ZegCLIP's (no run), ours beside Cascade-CLIP's
+    assert [r[:2] for r in t2[1:]] == [
+        ["COCO-Stuff 164K: ZegCLIP", "not run here"], ["COCO-Stuff 164K: Cascade-CLIP", "cascade"],
+        ["COCO-Stuff 164K: ZegCLIP + ST", "not run here"],
+        ["COCO-Stuff 164K: Cascade-CLIP + ST", "cascade_st"]]
+    assert t2[2][2:5] == ["41.1", "43.4", "42.2"] and t2[4][2:9] == ["41.7", "62.5", "50.0", "41.0", "60.0",
+                                                                      "48.7", "1"]
+    assert t2[4][9:] == ["-0.7", "-2.5", f"{2 * 41 * 60 / 101 - 50.0:+.1f}"]
     assert t4[0][:3] == ["paper row", "run", "paper S"]
     # the paper's order: no cascade first; ours mean ± std over two seeds; ours - paper
     assert t4[1] == ["no cascade, no NGA (one decoder, block 12)", "single", "40.1", "39.5", "39.8",
@@ -297,9 +329,11 @@ def test_paper_figures_beside_ours(tmp_path):
     with open(out / "paper.csv") as f:
         records = list(csv.DictReader(f))
     assert [(r["paper_row"], r["run"]) for r in records] == [
-        ("main.coco_stuff_164k.inductive", "cascade"), ("main.coco_stuff_164k.transductive", "cascade_st"),
+        ("t2.coco_stuff_164k.cascade_clip", "cascade"), ("t2.coco_stuff_164k.cascade_clip_st", "cascade_st"),
+        ("release.coco_stuff_164k.inductive", "cascade"),
+        ("release.coco_stuff_164k.transductive", "cascade_st"),
         ("t4.no_cascade", "single"), ("t4.cascade_nga", "cascade"), ("t9.independent", "cascade")]
-    assert float(records[2]["diff_S"]) == pytest.approx(-1.1)
+    assert float(records[4]["diff_S"]) == pytest.approx(-1.1)
 
     # Another dataset (the shapes miniature): the paper's rows beside ours, no difference.
     build_report(res, runs, ["b"], examples, out, ablations=ablations, dataset="shapes", main_run="cascade")

@@ -471,3 +471,54 @@ def test_resume_continues_the_same_recipe_and_restarts_a_changed_one(
     fresh = train(changed, tmp_path / "c")
     a, b = trainable(tmp_path / "b" / "model_final.pt"), trainable(fresh)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- the global batch on any number of processes (issue 32) ----------------------------------
+
+
+def test_batch_plan_keeps_the_real_configs_global_batch_on_1_2_4_8_gpus():
+    from cascade_clip.config import ConfigError, batch_plan, load_config
+
+    root = Path(__file__).resolve().parents[1] / "config"
+    for name in ("coco_stuff", "voc", "context"):
+        cfg = load_config(root / f"{name}.yaml")
+        st_global = 32 if name == "voc" else 16  # the release self-trains VOC with 4 x 8
+        for gpus, (micro, accum) in {1: (4, 4), 2: (4, 2), 4: (4, 1), 8: (2, 1)}.items():
+            plan = batch_plan(cfg, "inductive", gpus)
+            assert (plan.global_batch, plan.micro_batch, plan.accumulation) == (16, micro, accum), name
+            st = batch_plan(cfg, "transductive", gpus)
+            assert st.global_batch == st_global == st.processes * st.micro_batch * st.accumulation
+        assert batch_plan(cfg, "inductive", 4).accumulation == 1  # the release's 4 GPUs x 4: no accumulation
+    voc = load_config(root / "voc.yaml")
+    assert batch_plan(voc, "transductive", 4).micro_batch == 8
+    assert batch_plan(voc, "transductive", 1).accumulation == 4
+    with pytest.raises(ConfigError, match=r"train\.global_batch 16 does not divide over 3 training"):
+        batch_plan(voc, "inductive", 3)
+    with pytest.raises(ConfigError, match=r"config/voc\.yaml: train\.global_batch 16 does not divide over 3"):
+        load_config(root / "voc.yaml", {"workflow.train_gpus": 3})
+    with pytest.raises(ConfigError, match=r"16 images each, not a multiple of train\.batch_size 3"):
+        load_config(root / "voc.yaml", {"train.batch_size": 3, "workflow.train_gpus": 1})
+    demo = load_config(root / "config.yaml")  # no global batch: batch_size per process, as before
+    assert batch_plan(demo, "inductive", 2).global_batch == 2 * demo.train.batch_size
+
+
+@pytest.mark.parametrize("setting", ["inductive", "transductive"])
+def test_accumulating_passes_makes_the_one_big_batch_update(tmp_path, tiny_root, tiny_clip_config, setting):
+    """One process: 4 passes of one image per step equal one pass of 4 images (the same
+    images, the loss normalised by the step's present image-class pairs); self-training's
+    pseudo-labels come from the same weights in every pass."""
+    from cascade_clip.train import train
+
+    runs = {}
+    for name, kw in {"big": {"batch_size": 4}, "accum": {"batch_size": 1, "global_batch": 4}}.items():
+        cfg = tiny_config(tiny_root, tiny_clip_config, iters=3, checkpoint_interval=10, **kw)
+        cfg.train.setting = setting
+        cfg.self_train.iters = 3
+        runs[name] = trainable(train(cfg, tmp_path / name, device="cpu"))
+    moved = [k for k in runs["big"] if not torch.equal(runs["big"][k], runs["accum"][k])]
+    assert moved, "bit-identical: the accumulation path did not run"
+    for k, x in runs["big"].items():
+        y = runs["accum"][k]
+        if k.endswith("attn.in_proj_bias"):  # the key bias: rounding noise only (test_distributed)
+            x, y = x.view(3, -1)[[0, 2]], y.view(3, -1)[[0, 2]]
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5, msg=k)

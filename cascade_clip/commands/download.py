@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"dataset {dataset!r} is not downloaded; the shapes world is made by "
                          "`cascade-clip make-shapes`")
     sources = _pin(load_sources(sources_file), pins, args.config)
-    folder = download_folder(dataset)  # voc21 and pascal_context_459 read another's download
+    folder = download_folder(dataset)  # voc21 reads voc12's download
     try:
         out = fetch_dataset(folder, root or "resources/downloads", sources=sources,
                             base_url=base_url, retries=args.retries, local=local,

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from cascade_clip.data.convert import CONVERTERS
-    from cascade_clip.data.registry import download_folder
+    from cascade_clip.data.registry import download_folders
 
     dataset, out, name, source = args.dataset, args.out, args.name, None
     if args.config:
@@ -106,15 +106,17 @@ def run(args: argparse.Namespace) -> int:
                          "`cascade-clip make-shapes`, your own data needs dataset.source "
                          "(or --dataset folder | coco)")
     else:
-        folder = download_folder(dataset)
+        folder, *also = download_folders(dataset)  # pascal_context_459 reads pascal_context_59's too
         downloads = Path(args.downloads or "resources/downloads")
         src = downloads / folder
-        if not src.is_dir():
-            if downloads.name == folder and downloads.is_dir():
-                raise MissingInputError(f"{src}: download folder not found; --downloads takes the "
-                                        f"download root that holds {folder}/ (here {downloads.parent})")
-            raise MissingInputError(f"{src}: download folder not found (run `cascade-clip download "
-                                    f"--dataset {dataset} --root {downloads}` first)")
+        for name in (folder, *also):
+            if (downloads / name).is_dir():
+                continue
+            if downloads.name == name and downloads.is_dir():
+                raise MissingInputError(f"{downloads / name}: download folder not found; --downloads takes "
+                                        f"the download root that holds {name}/ (here {downloads.parent})")
+            raise MissingInputError(f"{downloads / name}: download folder not found (run `cascade-clip "
+                                    f"download --dataset {name} --root {downloads}` first)")
         out = Path(out or f"resources/data/{dataset}")
         counts = CONVERTERS[dataset](src, out, **kwargs)
     summary = ", ".join(f"{split} {n}" for split, n in counts.items())

@@ -22,12 +22,16 @@ CAT-Seg, cited in cascade_clip/data/classes/):
 - VOC-21: VOC 2012 + SBD aug as above, background kept as train id 0.
 - ADE20K-150: `ADEChallengeData2016/{images,annotations}/{training,validation}`; value v ->
   train id v - 1, 0 ignored.
-- PASCAL Context-459: the Context-59 sources; Detail category c -> train id c - 1, unlabeled
-  ignored; val only, 16-bit labels.
+- PASCAL Context-459: PASCAL-Context's own release, `trainval/<id>.mat` (`LabelMap`, 0
+  unlabeled, 1..459) and `labels.txt`; LabelMap c -> train id c - 1, 0 -> 65535 (SAN's, CAT-Seg's
+  and ODISE's `LabelMap - 1` in 16 bits); the `val` images of Context-59's Detail json and
+  VOC 2010 JPEGs; val only, 16-bit labels. (Detail's json holds the 59 classes alone.)
 - ADE20K-847: `ADE20K_2021_17_01/images/ADE/validation/**/ADE_val_*{.jpg,_seg.png}`; the
   class index R / 10 * 256 + G of each `_seg.png` pixel through MaskFormer's 847-class map,
-  every other index ignored; images whose short side exceeds 512 resized to 512 (labels
-  nearest), as MaskFormer's converter does; val only, 16-bit labels.
+  every other index ignored; as MaskFormer's converter (which SAN and CAT-Seg copy): images
+  whose short side exceeds 512 resized to 512 with OpenCV (`cv2.resize`, INTER_LINEAR for the
+  image, INTER_NEAREST for the label), every image re-saved as a JPEG by PIL at its default
+  quality; val only, 16-bit labels.
 """
 
 from __future__ import annotations
@@ -383,7 +387,7 @@ def convert_voc21(src: str | Path, out: str | Path, **kwargs) -> dict[str, int]:
     return convert_voc12_aug(src, out, background=True, **kwargs)
 
 
-# --- PASCAL Context 59 and 459 (Detail API json) --------------------------------------------
+# --- PASCAL Context 59 (Detail API json) ---------------------------------------------------
 
 
 def decode_rle(rle: dict, height: int | None = None, width: int | None = None) -> np.ndarray:
@@ -455,14 +459,6 @@ def detail_class_mask(image: dict, anns: list[dict], where: str = "trainval_merg
     return mask
 
 
-def context459_label(mask: np.ndarray, where: str = "trainval_merged.json") -> np.ndarray:
-    """Detail category ids (0 unlabeled, 1..459) -> Context-459 train ids (uint16, c - 1;
-    unlabeled 65535), as SAN's and CAT-Seg's `LabelMap - 1` in 16 bits."""
-    if mask.size and int(mask.max()) > len(CONTEXT_459):
-        raise InputError(f"{where}: category id {int(mask.max())} is outside the 459 Context classes")
-    return np.where(mask == 0, IGNORE_INDEX_16, mask - 1).astype(np.uint16)
-
-
 def context59_label(mask: np.ndarray, where: str = "trainval_merged.json") -> np.ndarray:
     """Detail category ids -> Context-59 train ids (uint8; other categories and unlabeled 255)."""
     return context59_lut(max(460, int(mask.max()) + 1))[mask]
@@ -500,6 +496,14 @@ def load_detail_json(path: Path) -> dict:
     return data
 
 
+def detail_json_path(src: Path, json_path: str | Path | None = None) -> Path:
+    """Where a Context download keeps trainval_merged.json (its top level, or beside VOC2010)."""
+    if json_path:
+        return Path(json_path)
+    top, beside = src / "trainval_merged.json", src / "VOCdevkit" / "VOC2010" / "trainval_merged.json"
+    return beside if not top.is_file() and beside.is_file() else top
+
+
 def _convert_detail(
     src: Path,
     out: Path,
@@ -512,9 +516,7 @@ def _convert_detail(
     link: bool,
 ) -> dict[str, int]:
     """The Detail json's masks of each image of `splits` (by `phase`) through `to_label`."""
-    json_path = Path(json_path) if json_path else src / "trainval_merged.json"
-    if not json_path.is_file() and (src / "VOCdevkit" / "VOC2010" / "trainval_merged.json").is_file():
-        json_path = src / "VOCdevkit" / "VOC2010" / "trainval_merged.json"
+    json_path = detail_json_path(src, json_path)
     data = load_detail_json(json_path)
     by_image: dict[int, list[dict]] = {}
     for ann in data["annos_segmentation"]:
@@ -562,22 +564,106 @@ def convert_pascal_context_59(
                            context59_label, ("train", "val"), json_path, workers, link)
 
 
+# --- PASCAL Context-459 (PASCAL-Context's own release) --------------------------------------
+
+
+def read_context_labelmap(path: Path) -> np.ndarray:
+    """PASCAL-Context `trainval/<id>.mat` -> its (H, W) integer `LabelMap` (0 unlabeled, 1..459)."""
+    from scipy.io import loadmat
+
+    if not path.is_file():
+        raise MissingInputError(f"{path}: PASCAL-Context label map not found")
+    try:
+        mat = loadmat(path)
+    except Exception as err:  # scipy raises several types for a corrupt file
+        raise InputError(f"{path}: unreadable .mat file ({err})") from None
+    labelmap = mat.get("LabelMap")
+    if labelmap is None:
+        raise InputError(f"{path}: no LabelMap in this .mat file")
+    labelmap = np.asarray(labelmap)
+    if labelmap.ndim != 2 or labelmap.dtype.kind not in "iu":
+        raise InputError(f"{path}: LabelMap is {labelmap.dtype} {labelmap.shape}; expected (H, W) integers")
+    return labelmap
+
+
+def context459_label(labelmap: np.ndarray, path: Path | str = "LabelMap") -> np.ndarray:
+    """A LabelMap (0 unlabeled, c = 1..459 the line of labels.txt) -> Context-459 train ids,
+    uint16: c - 1, unlabeled 65535 (the peers' `LabelMap - 1` in 16 bits)."""
+    values = np.unique(labelmap)
+    bad = [int(v) for v in values if v < 0 or v > len(CONTEXT_459)]
+    if bad:
+        raise InputError(f"{path}: LabelMap values {bad[:5]} are outside 0..{len(CONTEXT_459)}")
+    labelmap = labelmap.astype(np.int64)
+    return np.where(labelmap == 0, IGNORE_INDEX_16, labelmap - 1).astype(np.uint16)
+
+
+def _name_key(name: str) -> str:
+    """Names compared without case, spaces or punctuation ("air conditioner" = "airconditioner")."""
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def check_context459_labels(path: Path) -> None:
+    """labels.txt (`<c>: <name>` lines, c = 1..459) must name the registry's 459 classes in
+    order (spelling aside: SAN splits words that CAT-Seg joins); InputError naming the line."""
+    if not path.is_file():
+        raise MissingInputError(f"{path}: PASCAL-Context labels.txt not found (it comes in trainval.tar.gz)")
+    entries = []
+    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        index, sep, name = line.partition(":")
+        if sep and index.strip().isdigit():
+            entries.append((lineno, int(index), name.strip()))
+    if [i for _, i, _ in entries] != list(range(1, len(CONTEXT_459) + 1)):
+        raise InputError(f"{path}: expected lines '1: <name>' .. '{len(CONTEXT_459)}: <name>', "
+                         f"found {len(entries)} numbered lines")
+    for (lineno, index, name), ours in zip(entries, CONTEXT_459):
+        if _name_key(name) != _name_key(ours):
+            raise InputError(f"{path}:{lineno}: class {index} is {name!r}, the registry's {ours!r} "
+                             "(cascade_clip/data/classes/pascal_context_459.txt)")
+
+
+def _context459_one(task: tuple[Path, Path, Path, Path, bool]) -> list[int]:
+    img_src, mat, img_dst, lbl_dst, link = task
+    label = context459_label(read_context_labelmap(mat), mat)
+    check_same_size(img_src, mat, label)
+    write_label_png(lbl_dst, label)
+    place_image(img_src, img_dst, link)
+    return _present(label)
+
+
 def convert_pascal_context_459(
     src: str | Path,
     out: str | Path,
     *,
+    context59: str | Path | None = None,
     json_path: str | Path | None = None,
     workers: int = 1,
     link: bool = True,
     force: bool = False,
 ) -> dict[str, int]:
-    """PASCAL Context-459 (an evaluation target) from the same Detail json -> common format:
-    the 5,104 `val` images, 16-bit labels (category c -> c - 1, unlabeled 65535)."""
+    """PASCAL Context-459 (an evaluation target) -> common format; {"val": count}.
+
+    Labels from PASCAL-Context's release in `src` (`trainval/<id>.mat`, `labels.txt`); the
+    images and the val list (Detail's `val` phase, 5,104 images, the list SAN, CAT-Seg and
+    ODISE evaluate) from Context-59's download, `context59` (default: `src`'s sibling folder
+    pascal_context_59). 16-bit labels, c -> c - 1, unlabeled 65535."""
     src, out = Path(src), Path(out)
+    context59 = Path(context59) if context59 else src.parent / "pascal_context_59"
     if not _start(out, force):
         return _counts(out, ("val",))
-    return _convert_detail(src, out, "pascal_context_459", CONTEXT_459, context459_label, ("val",),
-                           json_path, workers, link)
+    check_context459_labels(src / "labels.txt")
+    json_file = detail_json_path(context59, json_path)
+    data = load_detail_json(json_file)
+    images = sorted(im["file_name"] for im in data["images"] if im.get("phase") == "val")
+    if not images:
+        raise InputError(f"{json_file}: no images with phase 'val'")
+    ids = [Path(name).stem for name in images]
+    jpeg = context59 / "VOCdevkit" / "VOC2010" / "JPEGImages"
+    tasks = [(jpeg / name, src / "trainval" / f"{i}.mat", out / "images" / "val" / f"{i}.jpg",
+              out / "labels" / "val" / f"{i}.png", link) for i, name in zip(ids, images)]
+    presence = _map_all(_context459_one, tasks, workers, "pascal_context_459 val")
+    write_split(out, "val", ids, dict(zip(ids, presence)))
+    write_dataset_json(out, "pascal_context_459", CONTEXT_459)
+    return {"val": len(ids)}
 
 
 # --- ADE20K-150 (ADEChallengeData2016) ----------------------------------------------------
@@ -645,22 +731,32 @@ def ade20k_847_size(h: int, w: int, max_size: int = ADE20K_847_MAX_SIZE) -> tupl
     return None
 
 
+def ade20k_847_resize(image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(image, label) as MaskFormer's converter leaves them: a short side above 512 shrunk to
+    512 by OpenCV, the image with INTER_LINEAR (no antialiasing, OpenCV's fixed-point
+    weights), the label with INTER_NEAREST (source pixel floor(x * src / dst))."""
+    import cv2
+
+    size = ade20k_847_size(*label.shape)
+    if size is None:
+        return image, label
+    h, w = size
+    return (cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR),
+            cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST))
+
+
 def _ade847_one(task: tuple[Path, Path, Path, Path, bool]) -> list[int]:
-    img_src, seg_src, img_dst, lbl_dst, link = task
+    img_src, seg_src, img_dst, lbl_dst, _ = task
     label = ade20k_847_lut()[read_ade_seg(seg_src)]
     hw = image_size(img_src, seg_src)
     if label.shape != hw:
         raise InputError(f"{seg_src}: segmentation size {label.shape[1]}x{label.shape[0]} differs "
                          f"from image {img_src} size {hw[1]}x{hw[0]}")
-    size = ade20k_847_size(*hw)
-    if size is None:
-        place_image(img_src, img_dst, link)
-    else:  # bilinear image, nearest label (PIL's filters; MaskFormer uses OpenCV's)
-        with Image.open(img_src) as im:
-            image = im.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
-        img_dst.parent.mkdir(parents=True, exist_ok=True)
-        image.save(img_dst, quality=75)  # PIL's default JPEG quality, as MaskFormer saves
-        label = np.asarray(Image.fromarray(label).resize((size[1], size[0]), Image.NEAREST), np.uint16)
+    with Image.open(img_src) as im:  # as read there: grey stays grey
+        image = np.asarray(im if im.mode in ("L", "RGB") else im.convert("RGB"))
+    image, label = ade20k_847_resize(image, label)
+    img_dst.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(img_dst)  # every image re-saved, PIL's default JPEG quality, as there
     write_label_png(lbl_dst, label)
     return _present(label)
 
@@ -670,8 +766,9 @@ def convert_ade20k_847(
 ) -> dict[str, int]:
     """ADE20K-847 (an evaluation target) -> common format: the `val` split from
     `ADE20K_2021_17_01/images/ADE/validation` (every `ADE_val_*.jpg` beside its `_seg.png`,
-    2,000 images), 16-bit labels. The release's index_ade20k.pkl lists the same files; it is
-    not read (a pickle runs code when loaded)."""
+    2,000 images), 16-bit labels, images re-encoded (`ade20k_847_resize`; `link` is unused).
+    The release's index_ade20k.pkl lists the same files; it is not read (a pickle runs code
+    when loaded)."""
     src, out = Path(src), Path(out)
     if not _start(out, force):
         return _counts(out, ("val",))

@@ -101,11 +101,43 @@ def _class_file(file_name: str) -> list[str]:
 
 # PASCAL VOC 2012 with background (VOC-21): VOC's own indices 0..20, background first, as
 # MMSegmentation's PascalVOCDataset (CAT-Seg's voc20b puts background last; the order
-# changes no score).
+# changes no score). How background is prompted is a protocol of its own (class_prompts).
 VOC_21: tuple[str, ...] = ("background", *VOC_CLASSES)
+
+
+def _background_protocols() -> dict[str, tuple[str, ...]]:
+    from importlib.resources import files
+
+    import yaml
+
+    text = files("cascade_clip.data").joinpath("classes", "voc21_background.yaml").read_text(encoding="utf-8")
+    return {name: tuple(dict.fromkeys(prompts)) for name, prompts in yaml.safe_load(text).items()}
+
+
+# VOC-21's background protocols (evaluate.voc21_background): the prompts background is scored
+# with, each peer's (classes/voc21_background.yaml cites them); repeats dropped.
+VOC21_BACKGROUND: dict[str, tuple[str, ...]] = _background_protocols()
+VOC21_BACKGROUND_LABELS = {"catseg": "CAT-Seg's (background = max over 39 Context names)",
+                           "fcclip": "FC-CLIP's (background = max over its stuff synonyms)",
+                           "word": "one word (\"background\")"}
+
+
+def class_prompts(name: str, classes: Sequence[str], voc21_background: str = "catseg"
+                  ) -> list[tuple[str, ...]]:
+    """The prompt names each class of dataset `name` is scored with, in class order: its own
+    name, except VOC-21's background, which takes the protocol's prompts (the class then
+    scores the maximum over them)."""
+    prompts = [(c,) for c in classes]
+    if name == "voc21" and classes and classes[0] == "background":
+        if voc21_background not in VOC21_BACKGROUND:
+            raise InputError(f"evaluate.voc21_background: {voc21_background!r} is not one of "
+                             f"{sorted(VOC21_BACKGROUND)}")
+        prompts[0] = VOC21_BACKGROUND[voc21_background]
+    return prompts
 # ADE20K-150: annotation value v -> train id v - 1, 0 ignored.
 ADE20K_150: tuple[str, ...] = tuple(_class_file("ade20k_150.txt"))
-# PASCAL Context-459: Detail category id c -> train id c - 1, unlabeled (0) ignored.
+# PASCAL Context-459: PASCAL-Context's `trainval/<id>.mat` LabelMap value c (1..459, the line of
+# its labels.txt) -> train id c - 1, unlabeled (0) ignored; Detail's category ids are the same.
 CONTEXT_459: tuple[str, ...] = tuple(_class_file("pascal_context_459.txt"))
 # ADE20K-847: (ADE20K object class index, name) in train-id order.
 ADE20K_847_IDS: tuple[tuple[int, str], ...] = tuple(
@@ -220,8 +252,8 @@ DATASETS: dict[str, DatasetSpec | _ShapesSpec] = {
         classes=CONTEXT_459,
         unseen=(),
         templates="official-multi",
-        description="PASCAL Context-459: 459 classes, 5,104 val, 16-bit labels "
-                    "(read from pascal_context_59's download)",
+        description="PASCAL Context-459: 459 classes, 5,104 val, 16-bit labels (PASCAL-Context's "
+                    "trainval.tar.gz; images and val list from pascal_context_59's download)",
     ),
     "ade20k_847": DatasetSpec(
         name="ade20k_847",
@@ -236,7 +268,10 @@ DATASETS: dict[str, DatasetSpec | _ShapesSpec] = {
 
 # Datasets converted from another dataset's download (`cascade-clip download` fetches, and
 # `prepare` reads, <downloads>/<that dataset>/).
-DOWNLOAD_OF: dict[str, str] = {"voc21": "voc12", "pascal_context_459": "pascal_context_59"}
+DOWNLOAD_OF: dict[str, str] = {"voc21": "voc12"}
+# Datasets whose conversion reads, beside their own download, other datasets' downloads:
+# Context-459's labels are its own archive, its images and val list Context-59's.
+ALSO_READS: dict[str, tuple[str, ...]] = {"pascal_context_459": ("pascal_context_59",)}
 
 # The open-vocabulary suite a COCO-Stuff model is judged on (workflow.open_vocab).
 OPEN_VOCAB_SUITE: tuple[str, ...] = (
@@ -247,6 +282,11 @@ OPEN_VOCAB_SUITE: tuple[str, ...] = (
 def download_folder(name: str) -> str:
     """The download `name` is converted from: its own, or DOWNLOAD_OF's."""
     return DOWNLOAD_OF.get(name, name)
+
+
+def download_folders(name: str) -> list[str]:
+    """Every download `name`'s conversion reads: its own (download_folder) and ALSO_READS'."""
+    return [download_folder(name), *ALSO_READS.get(name, ())]
 
 
 def cross_eval_targets(config: dict) -> dict[str, str]:

@@ -22,8 +22,11 @@ self-training run):
   AdamW's two moments and a step counter per trainable tensor in ckpt_last.pt. Counts come
   from the model classes themselves, built with the vision tower on the meta device: no
   CLIP weights are read and nothing touches the network;
+- **the batch per training step** of every run on the workflow's GPUs (`config.batch_plan`:
+  the global batch as processes x images per pass x accumulation steps) and each process's
+  peak GPU memory where NOTES.md measured a pass of that many images (else "not measured");
 - **time**, only where benchmarks/NOTES.md holds a measured figure for the same setup
-  (`MEASURED`), else "not measured".
+  (`MEASURED`), else "not measured"; a step of k accumulated passes counts k passes.
 
 `check_cache_space` is the cache writer's guard: it refuses a shard the file system cannot
 hold, naming the folder, the bytes needed and free, and the config keys that shrink it.
@@ -45,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from cascade_clip.config import Config, load_config, shared_cache_stages
-from cascade_clip.plan.grid import gpu_hour_lines, parameter_lines
+from cascade_clip.plan.grid import gpu_hour_lines, nearest_measured, parameter_lines
 from cascade_clip.plan.measured import (
     DEMO_MEASURED,
     DEMO_MEASURED_KEYS,
@@ -58,6 +61,7 @@ from cascade_clip.plan.measured import (
     pretrain_mismatch,
     run_facts,
     shapes_mismatch,
+    train_batch_plan,
 )
 from cascade_clip.plan.sizes import (
     LABEL_ARCHIVES,
@@ -156,7 +160,7 @@ def make_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> Plan
     raw = _raw_config(path, overrides)
     wf = workflow_settings(cfg)
     run_cfgs = run_configs(path, overrides)
-    from cascade_clip.data.registry import cross_eval_targets, download_folder
+    from cascade_clip.data.registry import cross_eval_targets, download_folders
 
     datasets = {cfg.dataset.name: cfg.dataset.root}
     for name, root in cross_eval_targets(raw).items():  # cross_eval, and the suite with open_vocab
@@ -165,7 +169,7 @@ def make_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> Plan
     plan = Plan(str(path), cfg, raw, wf, encoder_shape(visual), datasets, run_cfgs=run_cfgs)
 
     sources = load_sources()
-    for name in dict.fromkeys(download_folder(n) for n in datasets):  # voc21 reads voc12's files
+    for name in dict.fromkeys(f for n in datasets for f in download_folders(n)):  # voc21: voc12's files
         for entry in sources.get(name, []):
             size = Size(entry.get("size"), bool(entry.get("size_approximate")))
             extracted = None
@@ -275,6 +279,10 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"Disk in all: {grand}" + (f" + unknown ({', '.join(unknown)})" if unknown else ""))
     lines.append(f"  = {parts}")
     lines.extend(_space_lines(disk))
+
+    # the batch per step and per GPU
+    lines.append("")
+    lines.extend(_batch_lines(plan))
 
     # time
     lines.append("")
@@ -402,7 +410,31 @@ def _train_time(rcfg: Config, shape: EncoderShape, wf: dict[str, Any], iters: in
     m, why = match_measured("train", run_facts(rcfg, shape, "train", wf))
     if m is None:
         return f"not measured: {why}"
-    return f"~{fmt_duration(iters / m.rate)} at {m.rate} it/s ({m.source}: {m.caveat})"
+    passes = train_batch_plan(rcfg, wf).accumulation
+    per_step = f"{passes} passes a step, " if passes > 1 else ""
+    return f"~{fmt_duration(iters * passes / m.rate)} at {m.rate} it/s ({per_step}{m.source}: {m.caveat})"
+
+
+def _batch_lines(plan: Plan) -> list[str]:
+    """Each run's batch per step on the workflow's GPUs and what one GPU holds."""
+    wf = plan.workflow
+    gpus, nodes = int(wf["train_gpus"]), int(wf["train_nodes"])
+    where = f"{gpus} GPU(s) x {nodes} node(s)" if gpus else "one CPU process (workflow.train_gpus 0)"
+    lines = [f"Batch per training step on {where} (train.global_batch, kept on any number of GPUs by "
+             "accumulating passes), and one GPU's peak memory for a pass of its images"]
+    for run, rcfg in plan.run_cfgs.items():
+        b = train_batch_plan(rcfg, wf)
+        facts = run_facts(rcfg, plan.shape, "train", wf)
+        m, _ = match_measured("train", facts)
+        if m is not None and m.peak_mib is not None:
+            memory = f"{m.peak_mib:,} MiB ({m.source})"
+        else:
+            near, diffs = nearest_measured("train", facts)
+            memory = "not measured" + (f" (the nearest, {near.source}: {near.peak_mib:,} MiB; this run "
+                                       f"differs: {', '.join(diffs)})"
+                                       if near is not None and near.peak_mib is not None else "")
+        lines.append(f"  {run:<18} {b.describe()}; per GPU: {memory}")
+    return lines
 
 
 def _cache_sharing_lines(plan: Plan) -> list[str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cascade_clip.plan.measured import FACT_KEYS, FACT_VALUES, MEASURED, Measured, run_facts
+from cascade_clip.plan.measured import FACT_KEYS, FACT_VALUES, MEASURED, Measured, run_facts, train_batch_plan
 from cascade_clip.plan.sizes import fmt_duration, split_facts
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ def parameter_lines(plan: Plan) -> list[str]:
     return lines
 
 
-def _nearest(stage: str, facts: dict) -> tuple[Measured | None, list[str]]:
+def nearest_measured(stage: str, facts: dict) -> tuple[Measured | None, list[str]]:
     """The GPU measurement of `stage` on the same path (vpt or cache) and what differs from it."""
     for m in MEASURED:
         if m.stage != stage or m.requires.get("device") != "gpu":
@@ -59,18 +59,18 @@ def gpu_hour_lines(plan: Plan) -> list[str]:
     lines, total_train, serial = [head], 0.0, 0.0
     for run, rcfg in plan.run_cfgs.items():
         iters = rcfg.self_train.iters if rcfg.train.setting == "transductive" else rcfg.train.iters
-        m, diffs = _nearest("train", run_facts(rcfg, plan.shape, "train", wf))
+        m, diffs = nearest_measured("train", run_facts(rcfg, plan.shape, "train", wf))
         if m is None:
             lines.append(f"  {run:<22} {iters:>7,} it: no GPU measurement of this path")
             continue
-        wall = iters / m.rate * seeds
+        wall = iters * train_batch_plan(rcfg, wf).accumulation / m.rate * seeds
         total_train += wall * gpus * nodes
         serial += wall
         differs = f"; differs: {', '.join(diffs)}" if diffs else ""
         lines.append(f"  {run:<22} {iters:>7,} it at {m.rate} it/s: {fmt_duration(wall)} on {gpus * nodes} "
                      f"GPUs = {wall * gpus * nodes / 3600:.1f} GPU h{differs}")
     val = split_facts(cfg, cfg.dataset.name, cfg.dataset.root, cfg.dataset.val_split).images
-    m, diffs = _nearest("evaluate", run_facts(cfg, plan.shape, "evaluate", wf))
+    m, diffs = nearest_measured("evaluate", run_facts(cfg, plan.shape, "evaluate", wf))
     total_eval = 0.0
     if m is not None and val and eval_gpus:
         runs = len(plan.run_cfgs) * seeds + len(cfg.extra.get("cross_eval") or []) + 1  # + frozen CLIP

@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from cascade_clip.config import Config
+from cascade_clip.config import BatchPlan, Config, batch_plan
 from cascade_clip.plan.sizes import EncoderShape, dotted, workflow_settings
 
 # The shapes demo's generated data, measured (2026-11-29, fifth session, the 2-core development VM,
@@ -34,6 +34,7 @@ class Measured:
     requires: dict[str, Any]
     source: str
     caveat: str = ""
+    peak_mib: int | None = None  # peak GPU memory of one process (train: a pass of `batch` images)
 
 
 VIT_B16 = "ViT 12 blocks x 768, patch 16, embed 512"
@@ -44,10 +45,10 @@ H100_CAVEAT = ("one process, Triton kernels, random ViT-B/16-shaped encoder, 156
 MEASURED: tuple[Measured, ...] = (
     Measured("train", 2.59, "it", {"device": "gpu", "encoder": VIT_B16, "input": 512, "taps": 7,
                                     "head": PAPER_HEAD, "batch": 4, "amp": True, "path": "vpt"},
-             H100_TRAIN, H100_CAVEAT),
+             H100_TRAIN, H100_CAVEAT, peak_mib=2332),
     Measured("train", 5.82, "it", {"device": "gpu", "encoder": VIT_B16, "input": 512, "taps": 7,
                                     "head": PAPER_HEAD, "batch": 4, "amp": True, "path": "cache"},
-             H100_TRAIN, H100_CAVEAT),
+             H100_TRAIN, H100_CAVEAT, peak_mib=1138),
     Measured("evaluate", 2.3, "images", {"device": "gpu", "encoder": VIT_B16, "input": 512, "amp": True},
              H100_TRAIN, "sliding window, one process, measured on 2 images only"),
     Measured("cache", 0.15, "rows", {"device": "cpu", "encoder": VIT_B16, "input": 512, "taps": 7},
@@ -55,7 +56,7 @@ MEASURED: tuple[Measured, ...] = (
 )
 # What each fact is in the config, for the "not measured" message.
 FACT_KEYS = {"device": "GPUs (workflow.*_gpus)", "encoder": "encoder", "input": "input size",
-             "taps": "tapped blocks", "head": "model.decoder", "batch": "batch per process",
+             "taps": "tapped blocks", "head": "model.decoder", "batch": "images per pass and GPU",
              "amp": "train.amp", "path": "model.encoder_mode"}
 FACT_VALUES = {("device", "gpu"): "> 0", ("device", "cpu"): "0", ("path", "cache"): "frozen, from the cache",
                ("path", "online"): "frozen, online (cache.enabled: false)",
@@ -81,14 +82,13 @@ DEMO_MEASURED = {
 
 
 def run_facts(cfg: Config, shape: EncoderShape, stage: str, wf: dict[str, Any]) -> dict[str, Any]:
-    """The facts of one stage of one run that a measured rate must match."""
+    """The facts of one stage of one run that a measured rate must match (`batch`: the images
+    one process holds in one pass, `config.batch_plan` on the workflow's training processes)."""
     from cascade_clip.cache import tapped_blocks
 
     gpus = {"train": wf["train_gpus"], "evaluate": wf["eval_gpus"], "cache": wf["cache_gpus"]}[stage]
     dec = cfg.model.decoder
-    batch = cfg.train.batch_size
-    if cfg.train.setting == "transductive" and cfg.self_train.batch_size:
-        batch = cfg.self_train.batch_size
+    batch = train_batch_plan(cfg, wf).micro_batch
     return {
         "device": "gpu" if gpus else "cpu",
         "encoder": shape.describe(),
@@ -99,6 +99,12 @@ def run_facts(cfg: Config, shape: EncoderShape, stage: str, wf: dict[str, Any]) 
         "amp": cfg.train.amp,
         "path": "vpt" if cfg.model.encoder_mode != "frozen" else "cache" if cfg.cache.enabled else "online",
     }
+
+
+def train_batch_plan(cfg: Config, wf: dict[str, Any]) -> BatchPlan:
+    """A run's batch layout on the workflow's training processes (GPUs x nodes, one on CPU)."""
+    processes = max(1, int(wf["train_gpus"])) * max(1, int(wf["train_nodes"]))
+    return batch_plan(cfg, cfg.train.setting, processes)
 
 
 def match_measured(stage: str, facts: dict[str, Any]) -> tuple[Measured | None, str]:

@@ -93,14 +93,6 @@ def training_seed(cfg: Config) -> int:
     return cfg.seed if cfg.train.seed is None else cfg.train.seed
 
 
-def batch_size_per_process(cfg: Config, setting: str) -> int:
-    """train.batch_size, or self_train.batch_size for self-training when set (the release
-    self-trains VOC with 8 images per GPU, trains with 4)."""
-    if setting == "transductive" and cfg.self_train.batch_size is not None:
-        return cfg.self_train.batch_size
-    return cfg.train.batch_size
-
-
 def make_loader(
     dataset: torch.utils.data.Dataset, cfg: Config, env: DistEnv, consumed: int, batch_size: int
 ) -> torch.utils.data.DataLoader:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ from tqdm import tqdm
 from cascade_clip.cache import weights_digest
 from cascade_clip.checkpoint import check_checkpoint, load_checkpoint
 from cascade_clip.classes import SETTINGS, ClassSplit, class_split
-from cascade_clip.config import Config
+from cascade_clip.config import Config, batch_plan
 from cascade_clip.data import IGNORE_INDEX
 from cascade_clip.distributed import DistEnv, all_reduce_mean, init_distributed, wrap_ddp
 from cascade_clip.errors import CascadeClipError, InputError
@@ -29,7 +30,6 @@ from cascade_clip.train.checkpointing import (
     write_run_config,
 )
 from cascade_clip.train.inputs import (
-    batch_size_per_process,
     build_train_dataset,
     cache_tap_rows,
     make_loader,
@@ -103,9 +103,12 @@ def train(
     if dataset is None:
         dataset = build_train_dataset(cfg, setting, cache)
     tap_rows = cache_tap_rows(dataset, CascadeCLIP.tapped_blocks(cfg.model), str(cache or "dataset"))
-    batch_size = batch_size_per_process(cfg, setting)
-    if len(dataset) < batch_size:
+    # one step: global batch = processes x micro-batch x accumulation (config.batch_plan)
+    plan = batch_plan(cfg, setting, env.world_size)
+    if len(dataset) < plan.micro_batch:
         raise InputError(f"{cache or cfg.dataset.root}: {len(dataset)} items, fewer than one batch")
+    if env.is_main and plan.accumulation > 1:
+        print(f"{files.dir}: {plan.describe()}")
 
     # 5. resume, or start: rank 0 compares DIR/ckpt_last.pt with this recipe and what this run
     #    consumes (cascade_clip.train.provenance); a run left by another recipe or other inputs
@@ -131,9 +134,10 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused)
     ckpt = Checkpointer(files, model, optimizer, cfg, split, setting, clip_weights, record, env)
     progress = ckpt.start() if resume_state is None else ckpt.resume(resume_state, half_step)
-    batches = iter(make_loader(dataset, cfg, env, consumed=progress.consumed, batch_size=batch_size))
+    batches = iter(make_loader(dataset, cfg, env, consumed=progress.consumed, batch_size=plan.micro_batch))
 
-    # 7. the loop: batch -> logits -> (self-training: pseudo-labels) -> loss -> step
+    # 7. the loop: per accumulation step, batch -> logits -> (self-training: pseudo-labels) ->
+    #    loss -> backward; then one optimizer step
     lut, unseen_queries = split.target_lut().to(env.device), split.unseen_queries
     amp = cfg.train.amp and env.device.type == "cuda"
     log = StepLog(files.log, cfg.train.log_interval, iters, progress, setting, env)
@@ -144,35 +148,54 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        batch = next(batches)
-        labels = subsample_labels(batch["label"], cfg.train.loss_stride)  # (B, H, W), or every n-th pixel
-        target = lut[labels.to(env.device, non_blocking=True).long()]  # query ids
-        with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = step_fn(queries, **model_inputs(batch, env.device, tap_rows))  # (B, K, h, w)
-        logits = logits.float()
-        if setting == "transductive":
-            target = pseudo_label(logits, target, unseen_queries)
-        num_masks = all_reduce_mean(count_masks(target, len(split.queries)))  # M, averaged over ranks
-        loss = sigmoid_focal_dice_loss(
-            logits,
-            target,
-            ignore_index=IGNORE_INDEX,
-            ignore_as_negative=cfg.train.ignore_as_negative,
-            num_masks=num_masks,
-        )
-        mean_loss = all_reduce_mean(loss.detach())  # NaN on any rank makes it NaN on all
+        optimizer.zero_grad(set_to_none=True)
+        step_loss, step_masks = torch.zeros((), device=env.device), torch.zeros((), device=env.device)
+        for micro in range(plan.accumulation):
+            last = micro == plan.accumulation - 1
+            # DDP averages gradients over ranks in the last pass's backward only
+            sync = contextlib.nullcontext() if last or not env.distributed else step_module.no_sync()
+            with sync:
+                batch = next(batches)
+                labels = subsample_labels(batch["label"], cfg.train.loss_stride)  # (B, H, W) or every n-th
+                target = lut[labels.to(env.device, non_blocking=True).long()]  # query ids
+                with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=amp):
+                    logits = step_fn(queries, **model_inputs(batch, env.device, tap_rows))  # (B, K, h, w)
+                logits = logits.float()
+                if setting == "transductive":
+                    target = pseudo_label(logits, target, unseen_queries)
+                masks = count_masks(target, len(split.queries))
+                # The loss's normaliser M is the number of present (image, class) pairs averaged
+                # over ranks (the release). One pass: known now. Several: only after the last
+                # pass, so each pass's loss is left unnormalised (M = 1) and the summed
+                # gradients are divided by accumulation x M below; the same update.
+                num_masks = all_reduce_mean(masks) if plan.accumulation == 1 else 1.0
+                loss = sigmoid_focal_dice_loss(
+                    logits,
+                    target,
+                    ignore_index=IGNORE_INDEX,
+                    ignore_as_negative=cfg.train.ignore_as_negative,
+                    num_masks=num_masks,
+                )
+                loss.backward()
+            step_loss += loss.detach()
+            step_masks += masks
+        if plan.accumulation > 1:
+            scale = 1.0 / (plan.accumulation * all_reduce_mean(step_masks / plan.accumulation).clamp(min=1.0))
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+            step_loss = step_loss * scale
+        mean_loss = all_reduce_mean(step_loss)  # NaN on any rank makes it NaN on all
         if not torch.isfinite(mean_loss):
-            last = progress.last_saved
-            kept = "no checkpoint yet" if last is None else f"{files.last} holds step {last}"
+            last_saved = progress.last_saved
+            kept = "no checkpoint yet" if last_saved is None else f"{files.last} holds step {last_saved}"
             raise NonFiniteLossError(
                 f"{files.dir}: loss is {mean_loss.item()} at step {progress.step + 1}; stopped ({kept})"
             )
 
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         optimizer.step()
         progress.step += 1
-        progress.consumed += batch_size * env.world_size
+        progress.consumed += plan.global_batch
         log.add(mean_loss, lr)
 
         elapsed = log.elapsed()

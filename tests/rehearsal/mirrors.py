@@ -13,17 +13,21 @@ images each, and every class of the dataset present somewhere (unseen ones inclu
   `train.txt`, `val.txt`). The lists overlap as the real ones do: an SBD image that is in
   VOC's val list must leave the augmented train set.
 - PASCAL Context 59: `VOCtrainval_03-May-2010.tar` (`VOCdevkit/VOC2010/JPEGImages`) and
-  `trainval_merged.json` in the Detail API's layout (images with `phase`, all 459 categories,
-  `annos_segmentation` with compressed RLE strings, later annotations painting over earlier
-  ones; the categories outside the 59 must become 255 there, and are Context-459's classes).
+  `trainval_merged.json` in the Detail API's layout (images with `phase`, all 459 categories
+  listed, `annos_segmentation` with compressed RLE strings for the 59 classes only, as the
+  real file holds, later annotations painting over earlier ones).
+- PASCAL Context-459: PASCAL-Context's own `trainval.tar.gz` (`trainval/<id>.mat` per train and
+  val image of the Context miniature, a MATLAB 5 `LabelMap` of uint16 holding every class
+  1..459 and 0 unlabeled; `labels.txt`, `<c>: <name>` lines); its images and val list are
+  Context-59's.
 - ADE20K-150: `ADEChallengeData2016.zip` (`ADEChallengeData2016/images/{training,validation}`
   JPEGs, `annotations/...` PNGs with 0 = other and 1..150, `sceneCategories.txt`).
 - ADE20K-847: `ADE20K_2021_17_01.zip` (`ADE20K_2021_17_01/images/ADE/{training,validation}/
   <scene>/ADE_*.jpg` beside RGB `_seg.png` files whose R / 10 * 256 + G is the object class
   index, B the instance; `index_ade20k.pkl`, `objects.txt`), which the user brings
-  (`sources.local`): the sources list it with its registration page and no URL.
-- VOC-21 and PASCAL Context-459 have no files of their own: VOC's and Context's mirrors are
-  theirs (`DERIVED`).
+  (`sources.local`): the sources list it with its registration page and no URL. Its first
+  validation image is larger than 512 px on its short side, as most of ADE20K's are.
+- VOC-21 has no files of its own: VOC's mirror is its (`DERIVED`).
 
 `write_mirror(folder)` builds them all and a sources YAML in the packaged format (the same
 file names and `extract_to` folders, the mirror's URL and sha256 for every file);
@@ -100,6 +104,16 @@ def sbd_mat_bytes(seg: np.ndarray) -> bytes:
     # The 116-byte text header carries the creation time: a fixed one keeps builds identical.
     header = b"MATLAB 5.0 MAT-file, Platform: posix, Created on: Sun Apr 10 00:00:00 2011"
     return header.ljust(116) + data[116:]
+
+
+def context_mat_bytes(labelmap: np.ndarray) -> bytes:
+    """A PASCAL-Context `trainval/<id>.mat`: `LabelMap` (H, W) uint16, as MATLAB 5 writes it."""
+    from scipy.io import savemat
+
+    buf = io.BytesIO()
+    savemat(buf, {"LabelMap": labelmap.astype(np.uint16)})
+    header = b"MATLAB 5.0 MAT-file, Platform: posix, Created on: Sat May 03 00:00:00 2014"
+    return header.ljust(116) + buf.getvalue()[116:]
 
 
 def block_label(h: int, w: int, block: int, values: Sequence[int], fill: int, seed: int,
@@ -315,10 +329,11 @@ def context_ids(spec: MirrorSpec) -> dict[str, list[str]]:
 
 def build_context59(folder: Path, spec: MirrorSpec, overrides: dict[str, bytes] | None = None,
                     drop: Sequence[str] = ()) -> DatasetMirror:
-    """PASCAL Context (59 and 459). Per image one RLE annotation per category (all 459), in
-    cells of a block grid; unlabeled cells stay 0; a last annotation paints the image's
-    first row again with another class (later annotations win)."""
-    cat_ids = [cid for _, cid in CONTEXT_59_DETAIL_IDS] + [cid for cid, _ in CONTEXT_OTHER_CATEGORIES]
+    """PASCAL Context 59 (Detail json). Per image one RLE annotation per Context-59 category, in
+    cells of a block grid; unlabeled cells stay 0; a last annotation paints the image's first
+    row again with another class (later annotations win). The json lists all 459 categories
+    but, as the real one, annotates only the 59."""
+    cat_ids = [cid for _, cid in CONTEXT_59_DETAIL_IDS]
     block = fitting_block(spec, len(cat_ids) + 1)
     tar_files: dict[str, bytes] = {}
     images, annos = [], []
@@ -365,6 +380,26 @@ def build_context59(folder: Path, spec: MirrorSpec, overrides: dict[str, bytes] 
     return out
 
 
+def build_context459(folder: Path, spec: MirrorSpec, overrides: dict[str, bytes] | None = None,
+                     drop: Sequence[str] = ()) -> DatasetMirror:
+    """PASCAL-Context's trainval.tar.gz for the Context miniature's images (spec: Context-59's):
+    each LabelMap holds every class 1..459 in a cell of a block grid, 0 in the spare cells."""
+    block = fitting_block(spec, len(CONTEXT_459) + 1)
+    files: dict[str, bytes] = {}
+    seed = 900
+    for ids in context_ids(spec).values():
+        for image_id in ids:
+            seed += 1
+            labelmap = block_label(spec.height, spec.width, block, list(range(1, len(CONTEXT_459) + 1)), 0,
+                                   seed, dtype=np.uint16)
+            files[f"trainval/{image_id}.mat"] = context_mat_bytes(labelmap)
+    files["labels.txt"] = "".join(f"{i + 1}: {name}\n" for i, name in enumerate(CONTEXT_459)).encode()
+    out = DatasetMirror("pascal_context_459", val_ids=context_ids(spec)["val"])
+    out.archives["trainval.tar.gz"] = write_tar(folder / "trainval.tar.gz", _edit(files, overrides, drop),
+                                                gz=True)
+    return out
+
+
 def ade_ids(spec: MirrorSpec, prefix: str = "ADE") -> dict[str, list[str]]:
     return {"training": [f"{prefix}_train_{k + 1:08d}" for k in range(spec.train)],
             "validation": [f"{prefix}_val_{k + 1:08d}" for k in range(spec.val)]}
@@ -399,6 +434,7 @@ def build_ade20k_150(folder: Path, spec: MirrorSpec, overrides: dict[str, bytes]
 
 # Object class indices of ADE20K full that are not among the 847: the converter ignores them.
 ADE_UNLISTED_INDICES = (1, 3, 3157)
+ADE_LARGE = (520, 650)  # (h, w) of the first validation image: shrunk to 512 x 640 on conversion
 
 
 def ade_seg_png(index: np.ndarray, seed: int) -> bytes:
@@ -415,11 +451,12 @@ def ade_seg_png(index: np.ndarray, seed: int) -> bytes:
 def build_ade20k_847(folder: Path, spec: MirrorSpec, overrides: dict[str, bytes] | None = None,
                      drop: Sequence[str] = ()) -> DatasetMirror:
     """ADE20K-847 (ADE20K_2021_17_01). Validation images hold every one of the 847 indices
-    and a few unlisted ones; training images (which the converter skips) sit beside them."""
+    and a few unlisted ones; training images (which the converter skips) sit beside them.
+    The first validation image is ADE_LARGE (a short side above 512, which the converter
+    shrinks to 512 as MaskFormer's does), in cells of 16 px that survive the shrinking."""
     import pickle
 
     indices = [i for i, _ in ADE20K_847_IDS] + list(ADE_UNLISTED_INDICES)
-    block = fitting_block(spec, len(indices) + 1)
     top = "ADE20K_2021_17_01"
     files: dict[str, bytes] = {}
     index = {"filename": [], "folder": []}
@@ -428,8 +465,10 @@ def build_ade20k_847(folder: Path, spec: MirrorSpec, overrides: dict[str, bytes]
         for k, image_id in enumerate(ids):
             seed += 1
             scene = f"{top}/images/ADE/{split}/urban/{'street' if k % 2 else 'alley'}"
-            files[f"{scene}/{image_id}.jpg"] = jpeg_bytes(spec.height, spec.width, seed)
-            cls = block_label(spec.height, spec.width, block, indices, 0, seed, dtype=np.uint16)
+            h, w = ADE_LARGE if (split, k) == ("validation", 0) else (spec.height, spec.width)
+            block = 16 if (h, w) == ADE_LARGE else fitting_block(spec, len(indices) + 1)
+            files[f"{scene}/{image_id}.jpg"] = jpeg_bytes(h, w, seed)
+            cls = block_label(h, w, block, indices, 0, seed, dtype=np.uint16)
             cls = cls.astype(np.int64)
             files[f"{scene}/{image_id}_seg.png"] = ade_seg_png(cls, seed)
             files[f"{scene}/{image_id}.json"] = json.dumps(
@@ -446,10 +485,12 @@ def build_ade20k_847(folder: Path, spec: MirrorSpec, overrides: dict[str, bytes]
 
 
 BUILDERS = {"coco_stuff_164k": build_coco_stuff, "voc12": build_voc12, "pascal_context_59": build_context59,
-            "ade20k_150": build_ade20k_150, "ade20k_847": build_ade20k_847}
-# Targets converted from another dataset's files: their mirror is that one's (val only for
-# Context-459, whose converter writes the val split alone).
+            "pascal_context_459": build_context459, "ade20k_150": build_ade20k_150,
+            "ade20k_847": build_ade20k_847}
+# Targets converted from another dataset's files: their mirror is that one's.
 DERIVED = dict(DOWNLOAD_OF)
+# Mirrors of the same images: Context-459's label maps are for Context-59's miniature.
+SAME_IMAGES = {"pascal_context_459": "pascal_context_59"}
 
 
 def _lines(ids: Sequence[str]) -> bytes:
@@ -502,11 +543,11 @@ def write_mirror(folder: Path, specs: dict[str, MirrorSpec] | None = None) -> di
     """All three miniatures in `folder`, side by side as on a mirror (the file names are
     distinct across datasets, and `download --base-url` fetches `<base_url>/<name>`)."""
     specs = specs or {}
-    built = {name: build(folder, specs.get(name, MirrorSpec())) for name, build in BUILDERS.items()}
+    built = {name: build(folder, specs.get(SAME_IMAGES.get(name, name), MirrorSpec()))
+             for name, build in BUILDERS.items()}
     for name, source in DERIVED.items():
         base = built[source]
-        built[name] = DatasetMirror(name, dict(base.archives), [] if name == "pascal_context_459" else
-                                    list(base.train_ids), list(base.val_ids))
+        built[name] = DatasetMirror(name, dict(base.archives), list(base.train_ids), list(base.val_ids))
     return built
 
 

@@ -1,14 +1,14 @@
 # Download the real datasets' archives (resumable, checksummed) and extract them into
 # <downloads_dir>/<dataset>/, where `prepare` reads them. The shapes demo and your own data
-# (dataset.source) download nothing; voc21 and pascal_context_459 read voc12's and
-# pascal_context_59's downloads; ADE20K-847's archive is the user's copy (sources.local).
+# (dataset.source) download nothing; voc21 reads voc12's download, pascal_context_459 its own
+# labels and pascal_context_59's images; ADE20K-847's archive is the user's copy (sources.local).
 
 
 rule download:
     output:
         touch(f"{DOWNLOADS}/{{dataset}}/.complete"),
     wildcard_constraints:
-        dataset="coco_stuff_164k|voc12|pascal_context_59|ade20k_150|ade20k_847",
+        dataset="coco_stuff_164k|voc12|pascal_context_59|pascal_context_459|ade20k_150|ade20k_847",
     params:
         config=CONFIG,
         root=lambda wc, output: str(Path(output[0]).parents[1]),  # DOWNLOADS

@@ -1,7 +1,7 @@
 # Convert downloads to the common format (images, train-id PNG labels, split lists), convert
 # your own data (dataset.source), or generate the shapes world.
 
-from cascade_clip.data.registry import download_folder
+from cascade_clip.data.registry import download_folders
 
 OWN_SOURCE = config["dataset"].get("source")
 
@@ -65,7 +65,7 @@ for _name, _root in DATA_ROOTS.items():
         name:
             f"prepare_{_name}"
         input:
-            f"{DOWNLOADS}/{download_folder(_name)}/.complete",
+            [f"{DOWNLOADS}/{folder}/.complete" for folder in download_folders(_name)],
         output:
             f"{_root}/dataset.json",
         params:

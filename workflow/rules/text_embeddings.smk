@@ -33,7 +33,9 @@ rule text_embeddings_cross:
         f"{RESULTS}/text/cross/{{dataset}}.h5",
     params:
         config=CONFIG,
-        settings=settings("clip", "dataset"),
+        # VOC-21's background prompts are the protocol's (evaluate.voc21_background)
+        settings=lambda wc: settings("clip", "dataset", *(["evaluate.voc21_background"] if wc.dataset == "voc21"
+                                                            else [])),
         root=lambda wc: DATA_ROOTS[wc.dataset],
     log:
         f"{LOGS}/text_embeddings/{{dataset}}.log",
